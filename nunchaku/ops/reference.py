@@ -1,0 +1,64 @@
+"""Pure-PyTorch reference of every op: runs on any device (CPU included) and defines the math
+that the CUDA kernels must reproduce. Inputs are in logical layouts (see nunchaku.quant.weights);
+weight codes arrive packed two per byte (nunchaku.quant.int4.pack_int4_nibbles)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GELU_SHIFT
+from ..quant.int4 import dequantize_int4, quantize_act_int4, unpack_int4_nibbles
+
+
+def w4a4_quantize_act_fuse_lora(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, act_unsigned: bool, group_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One read of x float [M, K] gives both inputs of the W4A4 GEMM:
+    codes int8 [M, K] (signed, -8..7) or uint8 [M, K] (unsigned, 0..15) of (x [+ GELU_SHIFT]) / smooth,
+    scales float32 [M, K/G] (one per token and group),
+    lora_act float32 [M, R] = x · lora_down (raw x: no smoothing, no shift)."""
+    xf = x.float()
+    v = (xf + GELU_SHIFT if act_unsigned else xf) / smooth.float()
+    codes, scales = quantize_act_int4(v, group_size, act_unsigned)
+    return codes, scales, xf @ lora_down.float()
+
+
+def w4a4_gemm(
+    act_codes: torch.Tensor,
+    act_scales: torch.Tensor,
+    qweight_packed: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor,
+    out_dtype: torch.dtype,
+    group_size: int = 64,
+) -> torch.Tensor:
+    """y [M, N] (out_dtype) = Σ_g act_scales[m,g]·wscales[n,g]·Σ_{k∈g} act[m,k]·w[n,k]
+    + lora_act·lora_upᵀ + bias, accumulated in float32 and rounded once.
+    qweight_packed uint8 [N, K/2] (nibble-packed signed codes), wscales [N, K/G],
+    lora_act float32 [M, R], lora_up [N, R], bias [N]."""
+    a = dequantize_int4(act_codes, act_scales, group_size)
+    w = dequantize_int4(unpack_int4_nibbles(qweight_packed, signed=True), wscales, group_size)
+    y = a @ w.T + lora_act.float() @ lora_up.float().T + bias.float()
+    return y.to(out_dtype)
+
+
+def w4a16_gemm(
+    x: torch.Tensor,
+    qweight_packed: torch.Tensor,
+    wscales: torch.Tensor,
+    wzeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """y [M, N] (x.dtype) = x·Wᵀ + bias with W[n,k] = code·wscales[n,k/G] + wzeros[n,k/G],
+    qweight_packed uint8 [N, K/2] (nibble-packed unsigned codes), float32 accumulation."""
+    codes = unpack_int4_nibbles(qweight_packed, signed=False)
+    g = wscales.shape[-1]
+    w = (codes.float().reshape(codes.shape[0], g, group_size) * wscales.float()[..., None]
+         + wzeros.float()[..., None]).reshape(codes.shape)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

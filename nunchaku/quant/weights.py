@@ -1,0 +1,163 @@
+"""Logical (unpacked) tensors of one quantized linear layer.
+
+These containers are the meeting point of the quantizer, the checkpoint formats and the
+modules. Every tensor here is in plain row-major logical order; packed on-disk layouts and
+kernel layouts are converted to and from this form in `nunchaku.formats` and `nunchaku.ops`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+class WeightShapeError(ValueError):
+    """A tensor of a quantized layer has the wrong shape or dtype."""
+
+
+def _expect(name: str, t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]):
+    if not isinstance(t, torch.Tensor):
+        raise WeightShapeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise WeightShapeError(f"{name}: expected shape {list(shape)}, found {list(t.shape)}")
+    if t.dtype not in dtypes:
+        raise WeightShapeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, found {t.dtype}")
+
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+@dataclass
+class W4A4Weights:
+    """One SVDQuant W4A4 linear, y = Q4(x/smooth)·(qweight*wscales)ᵀ + (x·lora_down)·lora_upᵀ + bias.
+
+    qweight:   int8  [N, K]     signed int4 codes in [-8, 7], row n = output channel n
+    wscales:   float [N, K/G]   scale of codes qweight[n, g*G:(g+1)*G] (G = group_size)
+    smooth:    float [K]        activations are divided by it before quantization
+    lora_down: float [K, R]     applied to the raw (un-smoothed) input
+    lora_up:   float [N, R]
+    bias:      float [N]        zeros for layers without a bias
+    act_unsigned: inputs are post-GELU: quantize (x + GELU_SHIFT)/smooth to codes 0..15, and the
+                  bias already holds -GELU_SHIFT * (row sums of the dense main-branch weight).
+    """
+
+    qweight: torch.Tensor
+    wscales: torch.Tensor
+    smooth: torch.Tensor
+    lora_down: torch.Tensor
+    lora_up: torch.Tensor
+    bias: torch.Tensor
+    act_unsigned: bool = False
+    group_size: int = 64
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[1]
+
+    def validate(self, prefix: str = "") -> None:
+        if self.qweight.dim() != 2:
+            raise WeightShapeError(f"{prefix}qweight: expected 2-D [N, K], found {list(self.qweight.shape)}")
+        n, k = self.qweight.shape
+        if k % self.group_size:
+            raise WeightShapeError(
+                f"{prefix}qweight: in_features {k} is not a multiple of the group size {self.group_size}"
+            )
+        if self.lora_down.dim() != 2:
+            raise WeightShapeError(f"{prefix}lora_down: expected 2-D [K, R], found {list(self.lora_down.shape)}")
+        r = self.lora_down.shape[1]
+        _expect(prefix + "qweight", self.qweight, (n, k), (torch.int8,))
+        _expect(prefix + "wscales", self.wscales, (n, k // self.group_size), _FLOAT_DTYPES)
+        _expect(prefix + "smooth", self.smooth, (k,), _FLOAT_DTYPES)
+        _expect(prefix + "lora_down", self.lora_down, (k, r), _FLOAT_DTYPES)
+        _expect(prefix + "lora_up", self.lora_up, (n, r), _FLOAT_DTYPES)
+        _expect(prefix + "bias", self.bias, (n,), _FLOAT_DTYPES)
+
+    def to(self, *args, **kwargs) -> W4A4Weights:
+        """Moves/casts the float tensors; integer codes only move."""
+        return _moved(self, args, kwargs)
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense fp32 [N, K] weight in raw input space (what the layer computes without
+        activation quantization): q*s/smooth + lora_up·lora_downᵀ."""
+        main = self.qweight.float() * self.wscales.float().repeat_interleave(self.group_size, dim=1)
+        return main / self.smooth.float()[None, :] + self.lora_up.float() @ self.lora_down.float().T
+
+
+@dataclass
+class W4A16Weights:
+    """One weight-only 4-bit linear (AWQ/TinyChat style), y = x·Wᵀ + bias with
+    W[n, k] = qweight[n, k] * wscales[n, k//G] + wzeros[n, k//G].
+
+    qweight: uint8 [N, K]    unsigned codes 0..15
+    wscales: float [N, K/G]
+    wzeros:  float [N, K/G]  the additive zero term (= -zero_point * scale)
+    bias:    float [N] or None
+    """
+
+    qweight: torch.Tensor
+    wscales: torch.Tensor
+    wzeros: torch.Tensor
+    bias: torch.Tensor | None
+    group_size: int = 64
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def validate(self, prefix: str = "") -> None:
+        if self.qweight.dim() != 2:
+            raise WeightShapeError(f"{prefix}qweight: expected 2-D [N, K], found {list(self.qweight.shape)}")
+        n, k = self.qweight.shape
+        if k % self.group_size:
+            raise WeightShapeError(
+                f"{prefix}qweight: in_features {k} is not a multiple of the group size {self.group_size}"
+            )
+        g = k // self.group_size
+        _expect(prefix + "qweight", self.qweight, (n, k), (torch.uint8,))
+        _expect(prefix + "wscales", self.wscales, (n, g), _FLOAT_DTYPES)
+        _expect(prefix + "wzeros", self.wzeros, (n, g), _FLOAT_DTYPES)
+        if self.bias is not None:
+            _expect(prefix + "bias", self.bias, (n,), _FLOAT_DTYPES)
+
+    def to(self, *args, **kwargs) -> W4A16Weights:
+        """Moves/casts the float tensors; integer codes only move."""
+        return _moved(self, args, kwargs)
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense fp32 [N, K] weight."""
+        s = self.wscales.float().repeat_interleave(self.group_size, dim=1)
+        z = self.wzeros.float().repeat_interleave(self.group_size, dim=1)
+        return self.qweight.float() * s + z
+
+
+def _moved(weights, args, kwargs):
+    device = kwargs.get("device")
+    for a in args:
+        if isinstance(a, (torch.device, str)):
+            device = torch.device(a)
+    moved = {}
+    for f in fields(weights):
+        v = getattr(weights, f.name)
+        if isinstance(v, torch.Tensor):
+            v = v.to(*args, **kwargs) if v.is_floating_point() else v.to(device=device)
+        moved[f.name] = v
+    return type(weights)(**moved)

@@ -1,0 +1,74 @@
+"""Build script. The package is pure Python plus an optional CUDA extension `nunchaku._C`.
+
+The extension is built when torch with CUDA support and nvcc are found at build time and
+NUNCHAKU_SKIP_CUDA_BUILD is not 1. Installing never probes a GPU: the target architectures come
+from TORCH_CUDA_ARCH_LIST (default "8.0;8.6;8.9;9.0a"). Without nvcc the build prints a warning
+and installs the package without kernels; everything then runs on the PyTorch reference path.
+Build with `pip install --no-build-isolation -e .` so the extension compiles against the torch
+you run (an isolated build would compile against a throwaway torch, or skip the kernels).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0a"
+
+
+def _warn(msg: str) -> None:
+    print(f"nunchaku setup: WARNING: {msg}", file=sys.stderr)
+
+
+def cuda_extension():
+    if os.environ.get("NUNCHAKU_SKIP_CUDA_BUILD", "0") == "1":
+        _warn("NUNCHAKU_SKIP_CUDA_BUILD=1: not building the CUDA kernels (reference path only)")
+        return [], {}
+    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
+    if not sources:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        _warn("torch is not importable at build time (use --no-build-isolation): no CUDA kernels")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        _warn("no CUDA toolkit (nvcc) or a CPU-only torch: installing without CUDA kernels; "
+              "the PyTorch reference path will be used")
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    include_dirs = [os.path.abspath("csrc")]
+    try:
+        import cutlass_library  # the nvidia-cutlass wheel ships CUTLASS/CuTe headers
+
+        include_dirs.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
+    except ImportError:
+        pass
+    ext = CUDAExtension(
+        name="nunchaku._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3", "-DNDEBUG", "-std=c++17"],
+            "nvcc": ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="nunchaku",
+    version="0.1.0",
+    description="SVDQuant 4-bit (W4A4) inference for diffusion transformers",
+    packages=find_packages(include=["nunchaku", "nunchaku.*"]),
+    python_requires=">=3.10",
+    install_requires=[line.split("#")[0].strip() for line in open("requirements.txt")
+                      if line.split("#")[0].strip()],
+    extras_require={"test": ["pytest>=8"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

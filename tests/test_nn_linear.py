@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from nunchaku import ops
+from nunchaku.nn import AWQW4A16Linear, SVDQW4A4Linear
+from nunchaku.ops import reference
+from nunchaku.quant.awq import quantize_w4a16, simulate_w4a16
+from nunchaku.quant.int4 import pack_int4_nibbles
+from nunchaku.quant.svdquant import DecomposeOptions, simulate_w4a4, smoothing_factors, svdquant_decompose
+
+
+def make_w4a4(n=256, k=320, unsigned=False, rank=32):
+    w = torch.randn(n, k) / k**0.5
+    x = torch.randn(64, k)
+    return svdquant_decompose(w, torch.randn(n), smoothing_factors(x.abs().amax(0), w, 0.5),
+                              DecomposeOptions(rank=rank), act_unsigned=unsigned)
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), (257,)])
+def test_w4a4_module_matches_the_specification(unsigned, lead):
+    weights = make_w4a4(unsigned=unsigned)
+    layer = SVDQW4A4Linear.from_weights(weights, dtype=torch.float32)
+    x = torch.randn(*lead, 320)
+    if unsigned:
+        x = torch.nn.functional.gelu(x)
+    y = layer(x)
+    assert y.shape == (*lead, 256) and y.dtype == torch.float32
+    torch.testing.assert_close(y, simulate_w4a4(x, weights), rtol=1e-5, atol=1e-4)
+
+
+def test_w4a4_module_bf16_output_is_one_rounding_of_the_fp32_result():
+    weights = make_w4a4()
+    layer = SVDQW4A4Linear.from_weights(weights, dtype=torch.bfloat16)
+    x = torch.randn(7, 320, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, simulate_w4a4(x, weights).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_w4a4_module_round_trips_its_weights_and_packs_4_bits():
+    weights = make_w4a4()
+    layer = SVDQW4A4Linear.from_weights(weights)
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (256, 160)
+    back = layer.to_weights()
+    assert torch.equal(back.qweight, weights.qweight)
+    assert torch.equal(back.lora_down, weights.lora_down) and back.act_unsigned == weights.act_unsigned
+
+
+def test_w4a4_module_non_contiguous_input():
+    weights = make_w4a4()
+    layer = SVDQW4A4Linear.from_weights(weights, dtype=torch.float32)
+    x = torch.randn(320, 9).T  # a transposed view
+    assert not x.is_contiguous()
+    torch.testing.assert_close(layer(x), simulate_w4a4(x, weights), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_inputs_and_weights_are_named():
+    layer = SVDQW4A4Linear(128, 64, rank=16)
+    with pytest.raises(ValueError, match="input has 100 features, the layer expects 128"):
+        layer(torch.randn(2, 100))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(2, 128, dtype=torch.int32))
+    with pytest.raises(ValueError, match="do not fit a layer"):
+        layer.load_weights(make_w4a4(n=64, k=128, rank=32))
+    with pytest.raises(ValueError, match="multiple of the group size 64"):
+        SVDQW4A4Linear(100, 64)
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_w4a16_module_matches_the_specification(group_size):
+    w = torch.randn(96, 256)
+    weights = quantize_w4a16(w, torch.randn(96), group_size, storage_dtype=torch.float32)
+    layer = AWQW4A16Linear.from_weights(weights, dtype=torch.float32)
+    x = torch.randn(3, 4, 256)
+    torch.testing.assert_close(layer(x), simulate_w4a16(x, weights), rtol=1e-5, atol=1e-4)
+    assert torch.equal(layer.to_weights().qweight, weights.qweight)
+    no_bias = AWQW4A16Linear.from_weights(quantize_w4a16(w, None, group_size, storage_dtype=torch.float32),
+                                         dtype=torch.float32)
+    assert no_bias.bias is None
+    torch.testing.assert_close(layer(x) - no_bias(x), weights.bias.expand(3, 4, 96), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_ops_compose_to_the_linear():
+    weights = make_w4a4(unsigned=True)
+    x = torch.nn.functional.gelu(torch.randn(11, 320))
+    codes, scales, lora_act = reference.w4a4_quantize_act_fuse_lora(x, weights.smooth, weights.lora_down, True)
+    assert codes.dtype == torch.uint8 and codes.shape == (11, 320) and scales.shape == (11, 5)
+    torch.testing.assert_close(lora_act, x @ weights.lora_down.float())
+    y = reference.w4a4_gemm(codes, scales, pack_int4_nibbles(weights.qweight), weights.wscales, lora_act,
+                            weights.lora_up, weights.bias, torch.float32)
+    torch.testing.assert_close(y, simulate_w4a4(x, weights), rtol=1e-5, atol=1e-4)
+    y2 = ops.w4a4_linear(x, pack_int4_nibbles(weights.qweight), weights.wscales, weights.smooth, weights.lora_down,
+                         weights.lora_up, weights.bias, True)
+    torch.testing.assert_close(y2, y)
