@@ -28,8 +28,38 @@ def _expect(name: str, t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[to
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
+class _LayerWeights:
+    """Shared behaviour of the per-layer containers (subclasses are dataclasses with a `qweight`
+    [N, K] of codes and a `group_size`)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def _codes_shape(self, prefix: str) -> tuple[int, int]:
+        if self.qweight.dim() != 2:
+            raise WeightShapeError(f"{prefix}qweight: expected 2-D [N, K], found {list(self.qweight.shape)}")
+        n, k = self.qweight.shape
+        if k % self.group_size:
+            raise WeightShapeError(
+                f"{prefix}qweight: in_features {k} is not a multiple of the group size {self.group_size}"
+            )
+        return n, k
+
+    def to(self, *args, **kwargs):
+        """Moves/casts the float tensors; integer codes only move."""
+        return _moved(self, args, kwargs)
+
+
 @dataclass
-class W4A4Weights:
+class W4A4Weights(_LayerWeights):
     """One SVDQuant W4A4 linear, y = Q4(x/smooth)·(qweight*wscales)ᵀ + (x·lora_down)·lora_upᵀ + bias.
 
     qweight:   int8  [N, K]     signed int4 codes in [-8, 7], row n = output channel n
@@ -51,29 +81,12 @@ class W4A4Weights:
     act_unsigned: bool = False
     group_size: int = 64
 
-    def __post_init__(self):
-        self.validate()
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1]
-
     @property
     def rank(self) -> int:
         return self.lora_down.shape[1]
 
     def validate(self, prefix: str = "") -> None:
-        if self.qweight.dim() != 2:
-            raise WeightShapeError(f"{prefix}qweight: expected 2-D [N, K], found {list(self.qweight.shape)}")
-        n, k = self.qweight.shape
-        if k % self.group_size:
-            raise WeightShapeError(
-                f"{prefix}qweight: in_features {k} is not a multiple of the group size {self.group_size}"
-            )
+        n, k = self._codes_shape(prefix)
         if self.lora_down.dim() != 2:
             raise WeightShapeError(f"{prefix}lora_down: expected 2-D [K, R], found {list(self.lora_down.shape)}")
         r = self.lora_down.shape[1]
@@ -84,10 +97,6 @@ class W4A4Weights:
         _expect(prefix + "lora_up", self.lora_up, (n, r), _FLOAT_DTYPES)
         _expect(prefix + "bias", self.bias, (n,), _FLOAT_DTYPES)
 
-    def to(self, *args, **kwargs) -> W4A4Weights:
-        """Moves/casts the float tensors; integer codes only move."""
-        return _moved(self, args, kwargs)
-
     def dequantize(self) -> torch.Tensor:
         """Dense fp32 [N, K] weight in raw input space (what the layer computes without
         activation quantization): q*s/smooth + lora_up·lora_downᵀ."""
@@ -96,7 +105,7 @@ class W4A4Weights:
 
 
 @dataclass
-class W4A16Weights:
+class W4A16Weights(_LayerWeights):
     """One weight-only 4-bit linear (AWQ/TinyChat style), y = x·Wᵀ + bias with
     W[n, k] = qweight[n, k] * wscales[n, k//G] + wzeros[n, k//G].
 
@@ -112,35 +121,14 @@ class W4A16Weights:
     bias: torch.Tensor | None
     group_size: int = 64
 
-    def __post_init__(self):
-        self.validate()
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1]
-
     def validate(self, prefix: str = "") -> None:
-        if self.qweight.dim() != 2:
-            raise WeightShapeError(f"{prefix}qweight: expected 2-D [N, K], found {list(self.qweight.shape)}")
-        n, k = self.qweight.shape
-        if k % self.group_size:
-            raise WeightShapeError(
-                f"{prefix}qweight: in_features {k} is not a multiple of the group size {self.group_size}"
-            )
+        n, k = self._codes_shape(prefix)
         g = k // self.group_size
         _expect(prefix + "qweight", self.qweight, (n, k), (torch.uint8,))
         _expect(prefix + "wscales", self.wscales, (n, g), _FLOAT_DTYPES)
         _expect(prefix + "wzeros", self.wzeros, (n, g), _FLOAT_DTYPES)
         if self.bias is not None:
             _expect(prefix + "bias", self.bias, (n,), _FLOAT_DTYPES)
-
-    def to(self, *args, **kwargs) -> W4A16Weights:
-        """Moves/casts the float tensors; integer codes only move."""
-        return _moved(self, args, kwargs)
 
     def dequantize(self) -> torch.Tensor:
         """Dense fp32 [N, K] weight."""
