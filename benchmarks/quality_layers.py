@@ -119,13 +119,17 @@ def run_layer(name, k, n, post_gelu, tokens, device, svd_method, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="shapes divided by 4 (CI / a first look)")
+    p.add_argument("--quick", action="store_true", help="shapes divided by 4 (a first look, about a minute)")
+    p.add_argument("--shrink", type=int, default=1, help="divide every shape by this (power of 2, ≤ 48)")
     p.add_argument("--tokens", type=int, default=512, help="calibration tokens (and as many held-out tokens)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--svd", choices=[m.value for m in SVDMethod], default="randomized")
     p.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
-    layers = [(nm, k // 4, n // 4, g) if args.quick else (nm, k, n, g) for nm, k, n, g in FLUX_LAYERS]
+    shrink = 4 if args.quick else args.shrink
+    if 3072 % (64 * shrink):
+        p.error(f"--shrink {shrink} would break the 64-channel groups (3072 / shrink must be a multiple of 64)")
+    layers = [(nm, k // shrink, n // shrink, g) for nm, k, n, g in FLUX_LAYERS]
     results = {}
     for nm, k, n, g in layers:
         rows, secs = run_layer(nm, k, n, g, args.tokens, args.device, SVDMethod(args.svd))
@@ -138,7 +142,7 @@ def main(argv=None):
             base = m.split(" (α")[0]
             if base not in methods:
                 methods.append(base)
-    header = "| method | " + " | ".join(nm if not args.quick else f"{nm} / 4" for nm in results) + " |"
+    header = "| method | " + " | ".join(nm if shrink == 1 else f"{nm} / {shrink}" for nm in results) + " |"
     lines = [header, "|" + " --- |" * (len(results) + 1)]
     for base in methods:
         cells = []
