@@ -97,20 +97,32 @@ def quantize_weight_uint4_asym(
 
 
 def pack_int4_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte: int8/uint8 [..., K] (K even) -> uint8 [..., K/2], element 2i in
-    the low nibble and 2i+1 in the high nibble. Signed codes are stored as two's-complement nibbles."""
+    """Two 4-bit codes per byte, little-endian: element 2i in the low nibble, 2i+1 in the high.
+
+    codes: int8 (two's complement, -8..7) or uint8 (0..15), shape [..., 2M]; only the low 4
+           bits of each element are kept.
+    returns uint8 [..., M].
+    """
     if codes.shape[-1] % 2:
         raise ValueError(f"cannot pack an odd number of codes ({codes.shape[-1]}) into bytes")
-    c = (codes.to(torch.int16) & 0xF).to(torch.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
+    u = codes.contiguous().view(torch.uint8) if codes.dtype == torch.int8 else codes.to(torch.uint8)
+    u = u & 0xF
+    return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
-def unpack_int4_nibbles(packed: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Inverse of pack_int4_nibbles: uint8 [..., K/2] -> int8 [..., K] (signed, -8..7) or
-    uint8 [..., K] (unsigned, 0..15)."""
-    p = packed.to(torch.uint8)
-    codes = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
-    if not signed:
-        return codes
-    c = codes.to(torch.int8)
-    return torch.where(c > 7, c - 16, c)
+def unpack_int4_nibbles(packed: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """Inverse of pack_int4_nibbles.
+
+    packed: uint8 or int8 [..., M] (any 1-byte integer view of the bytes).
+    returns [..., 2M]: int8 codes in [-8, 7] when `signed` (two's-complement nibbles), else
+            uint8 codes in [0, 15].
+    """
+    u = packed.contiguous().view(torch.uint8) if packed.dtype == torch.int8 else packed
+    if u.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4_nibbles expects uint8/int8 bytes, got {packed.dtype}")
+    if signed:
+        # Arithmetic right shifts of the int8 view sign-extend each nibble in one step.
+        lo, hi = (u << 4).view(torch.int8) >> 4, u.view(torch.int8) >> 4
+    else:
+        lo, hi = u & 0xF, u >> 4
+    return torch.stack([lo, hi], dim=-1).flatten(-2)
