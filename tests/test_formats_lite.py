@@ -170,3 +170,26 @@ def test_bad_config(tmp_path, lite_model, edit, pattern):
     with pytest.raises(CheckpointError, match=pattern) as e:
         load_lite(folder)
     assert str(folder) in str(e.value)
+
+
+def test_per_layer_ranks_round_trip_through_the_extension(tmp_path, lite_model):
+    config, w4a4, w4a16, plain = lite_model
+    g = torch.Generator().manual_seed(5)
+    w4a4 = {**w4a4, "single_transformer_blocks.0.qkv_mlp": random_w4a4(896, 128, 64, generator=g)}
+    folder = save_lite(tmp_path / "t", config, w4a4, w4a16, plain)
+    qc = json.loads((folder / LITE_CONFIG).read_text())["quantization_config"]
+    assert qc["svdq_w4a4"]["rank"] == 32
+    assert qc["nunchaku"]["rank_overrides"] == {"single_transformer_blocks.0.qkv_mlp": 64}
+    ckpt = load_lite(folder)
+    assert ckpt.w4a4["single_transformer_blocks.0.qkv_mlp"].rank == 64
+    for name, w in w4a4.items():
+        assert_w4a4_equal(ckpt.w4a4[name], w, name)
+    signed = {k: v for k, v in w4a4.items() if not v.act_unsigned}
+    with pytest.raises(ValueError, match="one rank per checkpoint.*qkv_mlp': 64"):
+        save_lite(tmp_path / "d", config, signed, w4a16, plain, diffusers_compatible=True)
+    qc["nunchaku"]["rank_overrides"] = {"single_transformer_blocks.0.qkv_mlp": 40}
+    cfg = json.loads((folder / LITE_CONFIG).read_text())
+    cfg["quantization_config"] = qc
+    (folder / LITE_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="rank_overrides.*multiple of 16"):
+        load_lite(folder)

@@ -41,6 +41,8 @@ checkpoint meant for pure diffusers must be quantized with signed fc2 and writte
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import os
 from dataclasses import dataclass
@@ -109,9 +111,14 @@ def save_lite(
     folder = Path(folder)
     cdtype = _compute_dtype(compute_dtype)
     dtype = cdtype.to_torch()
-    ranks = {w.rank for w in w4a4.values()}
-    if len(ranks) > 1:
-        raise ValueError(f"nunchaku_lite has one rank per checkpoint, got ranks {sorted(ranks)}")
+    rank_counts = Counter(w.rank for w in w4a4.values())
+    main_rank = rank_counts.most_common(1)[0][0] if rank_counts else 32
+    rank_overrides = {name: w.rank for name, w in sorted(w4a4.items()) if w.rank != main_rank}
+    if diffusers_compatible and rank_overrides:
+        raise ValueError(
+            f"diffusers_compatible=True, but nunchaku_lite has one rank per checkpoint and these layers differ "
+            f"from rank {main_rank}: {rank_overrides}"
+        )
     unsigned = sorted(name for name, w in w4a4.items() if w.act_unsigned)
     if diffusers_compatible and unsigned:
         raise ValueError(
@@ -141,11 +148,15 @@ def save_lite(
     qc: dict = {
         "quant_method": "nunchaku_lite",
         "compute_dtype": cdtype.value,
-        "svdq_w4a4": {"precision": "int4", "group_size": 64, "rank": next(iter(ranks), 32), "targets": sorted(w4a4)},
+        "svdq_w4a4": {"precision": "int4", "group_size": 64, "rank": main_rank, "targets": sorted(w4a4)},
         "awq_w4a16": {"precision": "int4", "group_size": 64, "targets": sorted(w4a16)},
     }
     if not diffusers_compatible:
         qc["nunchaku"] = {"version": EXTENSION_VERSION, "unsigned_act_targets": unsigned}
+        if rank_overrides:
+            # Our extension: layers whose low-rank branch differs from the checkpoint rank, e.g. an
+            # official single block's q/k/v and MLP up-projection fused with both branches kept.
+            qc["nunchaku"]["rank_overrides"] = rank_overrides
     config = {k: v for k, v in transformer_config.items() if k != "quantization_config"}
     config["quantization_config"] = qc
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,7 +196,7 @@ def _targets(cfg_path: Path, section: dict, where: str) -> list[str]:
     return targets
 
 
-def _parse_config(cfg_path: Path) -> tuple[dict, QuantizationConfig]:
+def _parse_config(cfg_path: Path) -> tuple[dict, QuantizationConfig, dict[str, int]]:
     try:
         config = json.loads(cfg_path.read_text())
     except FileNotFoundError:
@@ -248,6 +259,7 @@ def _parse_config(cfg_path: Path) -> tuple[dict, QuantizationConfig]:
         w4a16_cfg = (64, w4a16_targets)
 
     unsigned: list[str] = []
+    rank_overrides: dict[str, int] = {}
     ext = qc.get("nunchaku")
     if ext is not None:
         if not isinstance(ext, dict):
@@ -261,6 +273,22 @@ def _parse_config(cfg_path: Path) -> tuple[dict, QuantizationConfig]:
                 f"expected a list of module names, found {unsigned!r}",
                 file=cfg_path,
                 key="quantization_config.nunchaku.unsigned_act_targets",
+            )
+        rank_overrides = ext.get("rank_overrides", {})
+        if not isinstance(rank_overrides, dict) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r > 0 and r % 16 == 0 for r in rank_overrides.values()
+        ):
+            raise CheckpointError(
+                f"expected an object of module name -> positive multiple of 16, found {rank_overrides!r}",
+                file=cfg_path,
+                key="quantization_config.nunchaku.rank_overrides",
+            )
+        stray_ranks = sorted(set(rank_overrides) - set(w4a4_targets))
+        if stray_ranks:
+            raise CheckpointError(
+                f"modules not among svdq_w4a4.targets: {stray_ranks}",
+                file=cfg_path,
+                key="quantization_config.nunchaku.rank_overrides",
             )
         stray = sorted(set(unsigned) - set(w4a4_targets))
         if stray:
@@ -278,7 +306,7 @@ def _parse_config(cfg_path: Path) -> tuple[dict, QuantizationConfig]:
     except ConfigError as e:
         raise CheckpointError(str(e), file=cfg_path, key="quantization_config") from None
     transformer_config = {k: v for k, v in config.items() if k != "quantization_config"}
-    return transformer_config, quant
+    return transformer_config, quant, rank_overrides
 
 
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
@@ -316,7 +344,7 @@ def load_lite(folder: str | os.PathLike) -> LiteCheckpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError("not a nunchaku_lite folder (expected a diffusers model folder)", file=folder)
-    transformer_config, quant = _parse_config(folder / LITE_CONFIG)
+    transformer_config, quant, rank_overrides = _parse_config(folder / LITE_CONFIG)
     tensors, origin = _read_weights(folder)
     w4a4_targets = set(quant.w4a4.targets)
     w4a16_targets = set(quant.w4a16.targets) if quant.w4a16 is not None else set()
@@ -348,7 +376,10 @@ def load_lite(folder: str | os.PathLike) -> LiteCheckpoint:
 
     w4a4 = {
         name: unpack_w4a4(
-            layer(name, W4A4_LITE_KEYS), true_shape=None, rank=quant.w4a4.rank, act_unsigned=name in unsigned
+            layer(name, W4A4_LITE_KEYS),
+            true_shape=None,
+            rank=rank_overrides.get(name, quant.w4a4.rank),
+            act_unsigned=name in unsigned,
         )
         for name in quant.w4a4.targets
     }
