@@ -21,7 +21,14 @@ from torch import nn
 
 from .awq import quantize_w4a16, simulate_w4a16
 from .calibration import ChannelStats
-from .svdquant import DEFAULT_ALPHA_GRID, DecomposeOptions, fuse_shared_input, search_smoothing, simulate_w4a4
+from .svdquant import (
+    DEFAULT_ALPHA_GRID,
+    DecomposeOptions,
+    fuse_shared_input,
+    search_smoothing,
+    simulate_w4a4,
+    svdquant_decompose,
+)
 from .weights import W4A4Weights, W4A16Weights
 
 
@@ -67,6 +74,7 @@ class QuantizerOptions:
     decompose: DecomposeOptions = DecomposeOptions()
     alphas: tuple[float, ...] = DEFAULT_ALPHA_GRID
     device: str | None = None  # where the math runs; None: where each weight lives
+    smoothing: bool = True  # False: λ = 1 (with rank 0 this is naive round-to-nearest W4A4)
 
 
 @dataclass
@@ -114,19 +122,23 @@ def _quantize_group(modules, group: W4A4Group, stats: ChannelStats, options: Qua
         [None if l.bias is None else l.bias.detach().to(device) for l in linears],
     )
     x = stats.sample.to(device)
-    result = search_smoothing(
-        weight,
-        bias,
-        stats.absmax(shifted=group.act_unsigned).to(device),
-        x,
-        options.decompose,
-        options.alphas,
-        act_unsigned=group.act_unsigned,
-    )
+    if options.smoothing:
+        result = search_smoothing(
+            weight,
+            bias,
+            stats.absmax(shifted=group.act_unsigned).to(device),
+            x,
+            options.decompose,
+            options.alphas,
+            act_unsigned=group.act_unsigned,
+        )
+        layer, alpha = result.layer, result.alpha
+    else:
+        ones = torch.ones(weight.shape[1], device=device)
+        layer, alpha = svdquant_decompose(weight, bias, ones, options.decompose, group.act_unsigned), None
     y_ref = x.float() @ weight.T + bias
-    rel, sqnr = _errors(simulate_w4a4(x, result.layer), y_ref)
-    layer = result.layer.to(device="cpu")
-    return layer, LayerReport(group.name, "w4a4", tuple(weight.shape), result.alpha, rel, sqnr)
+    rel, sqnr = _errors(simulate_w4a4(x, layer), y_ref)
+    return layer.to(device="cpu"), LayerReport(group.name, "w4a4", tuple(weight.shape), alpha, rel, sqnr)
 
 
 def _quantize_w4a16(modules, target: W4A16Target, stats: ChannelStats, options: QuantizerOptions):

@@ -149,3 +149,39 @@ def _moved(weights, args, kwargs):
             v = v.to(*args, **kwargs) if v.is_floating_point() else v.to(device=device)
         moved[f.name] = v
     return type(weights)(**moved)
+
+
+def concat_w4a4_outputs(parts: list[W4A4Weights]) -> W4A4Weights:
+    """Stacks W4A4 layers that read the same input into one layer along N.
+
+    All parts must share K, the group size, the signedness and the smoothing vector (the
+    activation is quantized once for all of them). Their low-rank branches are kept exact by
+    concatenating along the rank: lora_down = [d_1 | d_2 | ...] [K, Σr], and lora_up is block
+    diagonal [ΣN, Σr], so part i's outputs only see part i's ranks.
+    """
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        if (p.in_features, p.group_size, p.act_unsigned) != (first.in_features, first.group_size, first.act_unsigned):
+            raise WeightShapeError(
+                f"part {i} (K={p.in_features}, group={p.group_size}, unsigned={p.act_unsigned}) cannot share an "
+                f"input with part 0 (K={first.in_features}, group={first.group_size}, unsigned={first.act_unsigned})"
+            )
+        if not torch.equal(p.smooth, first.smooth):
+            raise WeightShapeError(f"part {i} has a different smoothing vector than part 0; they cannot share an input")
+    dtype = first.lora_up.dtype
+    lora_up = torch.zeros(sum(p.out_features for p in parts), sum(p.rank for p in parts), dtype=dtype,
+                          device=first.lora_up.device)
+    row = col = 0
+    for p in parts:
+        lora_up[row:row + p.out_features, col:col + p.rank] = p.lora_up
+        row, col = row + p.out_features, col + p.rank
+    return W4A4Weights(
+        qweight=torch.cat([p.qweight for p in parts]),
+        wscales=torch.cat([p.wscales for p in parts]),
+        smooth=first.smooth,
+        lora_down=torch.cat([p.lora_down for p in parts], dim=1),
+        lora_up=lora_up,
+        bias=torch.cat([p.bias for p in parts]),
+        act_unsigned=first.act_unsigned,
+        group_size=first.group_size,
+    )

@@ -1,0 +1,237 @@
+"""The FLUX transformer on the engine: a diffusers FluxTransformer2DModel whose linears are
+SVDQuant W4A4 (and W4A16 for the AdaLN modulation) modules.
+
+The model is first put in the *nunchaku layout*, which computes the same function as the
+diffusers original but groups the linears the way they are quantized:
+
+double block i (`transformer_blocks.{i}.`)
+    attn.to_qkv              = to_q | to_k | to_v                 (one input, one smoothing)
+    attn.to_added_qkv        = add_q_proj | add_k_proj | add_v_proj
+    attn.to_out.0, attn.to_add_out, ff.net.0.proj, ff_context.net.0.proj
+    ff.net.2, ff_context.net.2                                     (read GELU output: unsigned)
+    norm1.linear, norm1_context.linear                             (W4A16)
+single block i (`single_transformer_blocks.{i}.`)
+    qkv_mlp                  = attn.to_q | to_k | to_v | proj_mlp   (all read the same input)
+    attn_out                 = proj_out[:, :dim]   (zero bias)
+    mlp_out                  = proj_out[:, dim:]   (reads GELU output: unsigned; proj_out's bias)
+    norm.linear                                                    (W4A16)
+
+Everything else (embedders, RMSNorms of q/k, norm_out, proj_out of the model) stays 16-bit.
+In the layout the fused/split modules are plain nn.Linear, so calibration hooks see exactly the
+inputs the quantized modules will get; quantization then swaps each for its 4-bit module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from torch import nn
+
+from ..nn import AWQW4A16Linear, SVDQW4A4Linear
+from ..quant.quantizer import QuantPlan, QuantResult, W4A4Group, W4A16Target
+from ..quant.weights import W4A4Weights, W4A16Weights
+
+
+class FluxLayoutError(ValueError):
+    """The transformer or a checkpoint does not match the FLUX layout expected."""
+
+
+@dataclass(frozen=True)
+class QuantizedModuleSpec:
+    name: str  # module path in the nunchaku layout
+    kind: str  # "w4a4" | "w4a16"
+    act_unsigned: bool
+    block: str
+
+
+def quantized_module_specs(transformer: FluxTransformer2DModel) -> list[QuantizedModuleSpec]:
+    """Every module the engine quantizes, in the nunchaku layout, block by block."""
+    specs = []
+    for i in range(len(transformer.transformer_blocks)):
+        b = f"transformer_blocks.{i}"
+        for name, unsigned in (
+            ("attn.to_qkv", False), ("attn.to_added_qkv", False), ("attn.to_out.0", False),
+            ("attn.to_add_out", False), ("ff.net.0.proj", False), ("ff.net.2", True),
+            ("ff_context.net.0.proj", False), ("ff_context.net.2", True),
+        ):
+            specs.append(QuantizedModuleSpec(f"{b}.{name}", "w4a4", unsigned, b))
+        for name in ("norm1.linear", "norm1_context.linear"):
+            specs.append(QuantizedModuleSpec(f"{b}.{name}", "w4a16", False, b))
+    for i in range(len(transformer.single_transformer_blocks)):
+        b = f"single_transformer_blocks.{i}"
+        for name, unsigned in (("qkv_mlp", False), ("attn_out", False), ("mlp_out", True)):
+            specs.append(QuantizedModuleSpec(f"{b}.{name}", "w4a4", unsigned, b))
+        specs.append(QuantizedModuleSpec(f"{b}.norm.linear", "w4a16", False, b))
+    return specs
+
+
+def quant_plan(transformer: FluxTransformer2DModel, unsigned_fc2: bool = True, w4a16_group_size: int = 64) -> QuantPlan:
+    """unsigned_fc2=False quantizes the post-GELU inputs signed, as diffusers' own nunchaku_lite
+    runtime expects (it has no GELU shift)."""
+    specs = quantized_module_specs(transformer)
+    return QuantPlan(
+        w4a4=tuple(W4A4Group(s.name, (s.name,), s.act_unsigned and unsigned_fc2, s.block)
+                   for s in specs if s.kind == "w4a4"),
+        w4a16=tuple(W4A16Target(s.name, w4a16_group_size, s.block) for s in specs if s.kind == "w4a16"),
+    )
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    ref = parts[0].weight
+    out = sum(p.out_features for p in parts)
+    fused = nn.Linear(parts[0].in_features, out, bias=True, device=ref.device, dtype=ref.dtype)
+    if ref.device.type != "meta":
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            fused.bias.copy_(torch.cat([p.bias if p.bias is not None else torch.zeros_like(p.weight[:, 0])
+                                        for p in parts]))
+    return fused
+
+
+def _split_linear_k(linear: nn.Linear, k_split: int) -> tuple[nn.Linear, nn.Linear]:
+    """proj_out [N, K1 + K2] -> (first K1 inputs, zero bias) and (last K2 inputs, the bias)."""
+    w = linear.weight
+    first = nn.Linear(k_split, linear.out_features, bias=True, device=w.device, dtype=w.dtype)
+    second = nn.Linear(linear.in_features - k_split, linear.out_features, bias=True, device=w.device, dtype=w.dtype)
+    if w.device.type != "meta":
+        with torch.no_grad():
+            first.weight.copy_(w[:, :k_split])
+            first.bias.zero_()
+            second.weight.copy_(w[:, k_split:])
+            second.bias.copy_(linear.bias)
+    return first, second
+
+
+class SVDQFluxSingleTransformerBlock(FluxSingleTransformerBlock):
+    """A FLUX single block in the nunchaku layout (see the module docstring). Same math as the
+    diffusers block; q/k/v and the MLP up-projection run as one GEMM on the shared input, and
+    proj_out runs as two GEMMs whose outputs add, because its two input halves need different
+    activation quantization (signed attention output, unsigned GELU output)."""
+
+    @classmethod
+    def from_block(cls, block: FluxSingleTransformerBlock) -> SVDQFluxSingleTransformerBlock:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.mlp_hidden_dim = block.mlp_hidden_dim
+        new.norm = block.norm
+        new.act_mlp = block.act_mlp
+        attn = block.attn
+        new.qkv_mlp = _fused_linear([attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])
+        dim = block.proj_out.out_features
+        new.attn_out, new.mlp_out = _split_linear_k(block.proj_out, dim)
+        for name in ("to_q", "to_k", "to_v"):
+            delattr(attn, name)
+        new.attn = attn  # keeps norm_q / norm_k and the head geometry
+        return new
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        inner = self.attn.inner_dim
+        qkv, mlp_hidden = self.qkv_mlp(norm_hidden_states).split([3 * inner, self.mlp_hidden_dim], dim=-1)
+        query, key, value = (t.unflatten(-1, (-1, self.attn.head_dim)) for t in qkv.chunk(3, dim=-1))
+        query, key = self.attn.norm_q(query), self.attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        attn_output = dispatch_attention_fn(query, key, value).flatten(2, 3).to(query.dtype)
+        out = self.attn_out(attn_output) + self.mlp_out(self.act_mlp(mlp_hidden))
+        hidden_states = residual + gate.unsqueeze(1) * out
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def _fuse_double_block(block: FluxTransformerBlock) -> None:
+    attn = block.attn
+    attn.to_qkv = _fused_linear([attn.to_q, attn.to_k, attn.to_v])
+    attn.to_added_qkv = _fused_linear([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+    for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+        delattr(attn, name)
+    attn.fused_projections = True
+
+
+def is_nunchaku_layout(transformer: FluxTransformer2DModel) -> bool:
+    return getattr(transformer, "_nunchaku_layout", False)
+
+
+def to_nunchaku_layout(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
+    """Regroups the linears in place (see the module docstring); works on real and meta tensors."""
+    if not isinstance(transformer, FluxTransformer2DModel):
+        raise FluxLayoutError(f"expected a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
+    if is_nunchaku_layout(transformer):
+        return transformer
+    for block in transformer.transformer_blocks:
+        _fuse_double_block(block)
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        transformer.single_transformer_blocks[i] = SVDQFluxSingleTransformerBlock.from_block(block)
+    transformer._nunchaku_layout = True
+    return transformer
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module) if not leaf.isdigit() else parent.__setitem__(int(leaf), module)
+
+
+def apply_quantized_modules(
+    transformer: FluxTransformer2DModel,
+    w4a4: dict[str, W4A4Weights],
+    w4a16: dict[str, W4A16Weights],
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> FluxTransformer2DModel:
+    """Swaps every quantized module of the layout for its 4-bit module built from the weights.
+    Raises FluxLayoutError naming missing, unexpected or mis-shaped layers."""
+    to_nunchaku_layout(transformer)
+    specs = {s.name: s for s in quantized_module_specs(transformer)}
+    expected_w4a4 = {n for n, s in specs.items() if s.kind == "w4a4"}
+    expected_w4a16 = {n for n, s in specs.items() if s.kind == "w4a16"}
+    for found, expected, kind in ((set(w4a4), expected_w4a4, "W4A4"), (set(w4a16), expected_w4a16, "W4A16")):
+        if found != expected:
+            missing, extra = sorted(expected - found), sorted(found - expected)
+            raise FluxLayoutError(
+                f"{kind} layers do not match this FLUX config ({len(transformer.transformer_blocks)} double, "
+                f"{len(transformer.single_transformer_blocks)} single blocks): missing {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"
+            )
+    for name, weights in (*w4a4.items(), *w4a16.items()):
+        current = transformer.get_submodule(name)
+        shape = (current.out_features, current.in_features)
+        if (weights.out_features, weights.in_features) != shape:
+            raise FluxLayoutError(
+                f"{name}: checkpoint layer is [N={weights.out_features}, K={weights.in_features}], "
+                f"the model expects [N={shape[0]}, K={shape[1]}]"
+            )
+        if isinstance(weights, W4A4Weights) and weights.act_unsigned and not specs[name].act_unsigned:
+            raise FluxLayoutError(
+                f"{name}: the checkpoint quantizes this layer's input unsigned (GELU-shifted), but its input "
+                "is not a GELU output"
+            )
+        target = device if device is not None else weights.qweight.device
+        cls = SVDQW4A4Linear if isinstance(weights, W4A4Weights) else AWQW4A16Linear
+        module = cls.from_weights(weights.to(device=target), dtype=dtype)
+        _set_module(transformer, name, module)
+    return transformer
+
+
+def quantize_transformer_in_place(transformer: FluxTransformer2DModel, result: QuantResult) -> FluxTransformer2DModel:
+    """After quantize_model(...) on a layout transformer: swap in the quantized modules."""
+    ref = next(transformer.parameters())
+    return apply_quantized_modules(transformer, result.w4a4, result.w4a16, ref.dtype, ref.device)
+
+
+def iter_quantized_modules(transformer: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in transformer.named_modules():
+        if isinstance(m, (SVDQW4A4Linear, AWQW4A16Linear)):
+            yield name, m

@@ -1,0 +1,119 @@
+"""Text-to-image FLUX.1 pipelines on the engine, with the diffusers API.
+
+    from nunchaku.pipelines import flux as nunchaku_flux
+    pipeline = nunchaku_flux.from_pretrained(
+        "black-forest-labs/FLUX.1-schnell", torch_dtype=torch.bfloat16,
+        qmodel_path="mit-han-lab/svdquant-models/svdq-int4-flux.1-schnell.safetensors",
+    ).to("cuda")
+    image = pipeline("A cat holding a sign that says hello world", num_inference_steps=4, guidance_scale=0).images[0]
+
+`qmodel_path` may be a local file, a local folder, or a Hub path "org/repo/file.safetensors"
+(downloaded through huggingface_hub); it can be one of our nunchaku_lite checkpoints or an
+official SVDQuant INT4 one of any generation. Without it the pipeline is the BF16 original, and
+`with_transformer` builds the other variant around the same text encoders and VAE, for
+side-by-side comparison without loading them twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+
+from ..formats import resolve_checkpoint
+from ..models.flux_loading import BLOCK_PREFIXES, build_quantized_transformer
+
+
+class NunchakuFluxPipeline(FluxPipeline):
+    """diffusers' FluxPipeline with input checks that fail early and clearly: diffusers would
+    silently resize a height/width that is not a multiple of 16 and encode an empty prompt."""
+
+    def check_inputs(self, prompt, prompt_2, height, width, *args, prompt_embeds=None, **kwargs):
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"height and width must be multiples of {multiple} pixels (the VAE downsamples by "
+                f"{self.vae_scale_factor} and the transformer packs 2x2 latents), got {height}x{width}"
+            )
+        if prompt_embeds is None and prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+                raise ValueError("prompt is empty: give a text prompt (or prompt_embeds)")
+        return super().check_inputs(prompt, prompt_2, height, width, *args, prompt_embeds=prompt_embeds, **kwargs)
+
+
+def _transformer_config(model: str | os.PathLike, **hub_kwargs) -> dict:
+    return dict(FluxTransformer2DModel.load_config(str(model), subfolder="transformer", **hub_kwargs))
+
+
+def _base_transformer_dir(model: str | os.PathLike, **hub_kwargs) -> Path:
+    """The base model's transformer folder, downloading from the Hub only the shards that hold
+    tensors outside the transformer blocks (the embedders and final layers a v0.1 file lacks)."""
+    local = Path(model) / "transformer"
+    if local.is_dir():
+        return local
+    from huggingface_hub import hf_hub_download
+
+    index_name = "transformer/diffusion_pytorch_model.safetensors.index.json"
+    index_path = Path(hf_hub_download(str(model), index_name, **hub_kwargs))
+    weight_map = json.loads(index_path.read_text())["weight_map"]
+    shards = sorted({f for k, f in weight_map.items() if not k.startswith(BLOCK_PREFIXES)})
+    for shard in shards:
+        hf_hub_download(str(model), f"transformer/{shard}", **hub_kwargs)
+    folder = index_path.parent
+    return folder
+
+
+def load_transformer(
+    pretrained_model_name_or_path: str | os.PathLike,
+    qmodel_path: str | os.PathLike,
+    torch_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    **hub_kwargs,
+) -> FluxTransformer2DModel:
+    """The 4-bit transformer alone, from a checkpoint (see the module docstring for paths)."""
+    checkpoint = resolve_checkpoint(qmodel_path)
+    base_config = None
+    try:
+        base_config = _transformer_config(pretrained_model_name_or_path, **hub_kwargs)
+    except (OSError, ValueError, EnvironmentError):
+        base_config = None  # a checkpoint with its own config does not need it
+    base_dir = None
+    if checkpoint.is_file() and _is_blocks_only(checkpoint):
+        base_dir = _base_transformer_dir(pretrained_model_name_or_path, **hub_kwargs)
+    return build_quantized_transformer(checkpoint, torch_dtype, device, base_dir, base_config)
+
+
+def _is_blocks_only(path: Path) -> bool:
+    from ..formats import inspect_safetensors
+
+    header = inspect_safetensors(path)
+    return not header.metadata.get("config") and all(k.startswith(BLOCK_PREFIXES) for k in header.tensors)
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike,
+    torch_dtype: torch.dtype = torch.bfloat16,
+    qmodel_path: str | os.PathLike | None = None,
+    **kwargs,
+) -> NunchakuFluxPipeline:
+    """A diffusers FluxPipeline (NunchakuFluxPipeline) whose transformer runs in 4 bits when
+    qmodel_path is given, BF16 otherwise. Other kwargs go to diffusers' from_pretrained."""
+    if qmodel_path is None:
+        return NunchakuFluxPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype, **kwargs)
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    transformer = load_transformer(pretrained_model_name_or_path, qmodel_path, torch_dtype, **hub_kwargs)
+    return NunchakuFluxPipeline.from_pretrained(
+        pretrained_model_name_or_path, transformer=transformer, torch_dtype=torch_dtype, **kwargs
+    )
+
+
+def with_transformer(pipeline: FluxPipeline, transformer: FluxTransformer2DModel) -> NunchakuFluxPipeline:
+    """Another pipeline sharing `pipeline`'s text encoders, tokenizers, VAE and scheduler config
+    (no copies), with the given transformer: e.g. a BF16 one next to a 4-bit one."""
+    components = {**pipeline.components, "transformer": transformer}
+    components["scheduler"] = pipeline.scheduler.__class__.from_config(pipeline.scheduler.config)
+    return NunchakuFluxPipeline(**components)

@@ -1,0 +1,238 @@
+"""FLUX on the engine, end to end on CPU with a tiny FLUX-architecture pipeline (random weights)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from nunchaku.formats import CheckpointError, Generation, write_official
+from nunchaku.models.flux import (
+    SVDQFluxSingleTransformerBlock,
+    iter_quantized_modules,
+    quant_plan,
+    quantize_transformer_in_place,
+    to_nunchaku_layout,
+)
+from nunchaku.models.flux_loading import layout_to_official, quantized_layers, save_quantized_transformer
+from nunchaku.models.tiny import TinyFluxConfig, build_tiny_flux_pipeline
+from nunchaku.nn import AWQW4A16Linear, SVDQW4A4Linear
+from nunchaku.pipelines import flux as nunchaku_flux
+from nunchaku.quant.calibration import CalibrationCollector
+from nunchaku.quant.quantizer import QuantizerOptions, quantize_model
+from nunchaku.quant.svdquant import DecomposeOptions
+
+GEN = dict(num_inference_steps=2, guidance_scale=0.0, height=64, width=64, max_sequence_length=32)
+PROMPTS = ["a red circle above a blue square", "two green stars on a yellow background", "a cat holding a sign"]
+
+
+def transformer_inputs(batch=1, height=64, width=64, text=32, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (height // 16) * (width // 16)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(height // 16.0), torch.arange(width // 16.0),
+                                     indexing="ij"), -1).reshape(-1, 3)
+    return dict(
+        hidden_states=torch.randn(batch, s, 16, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(batch, text, 64, generator=g).to(dtype),
+        pooled_projections=torch.randn(batch, 64, generator=g).to(dtype),
+        timestep=torch.full((batch,), 0.6), img_ids=ids, txt_ids=torch.zeros(text, 3), return_dict=False,
+    )
+
+
+def quantize_pipeline(pipe, options=QuantizerOptions(decompose=DecomposeOptions(rank=32))):
+    """Calibrates on a few prompts, quantizes in place; returns the per-layer reports."""
+    transformer = to_nunchaku_layout(pipe.transformer)
+    plan = quant_plan(transformer)
+    with CalibrationCollector(transformer, plan.calibration_targets(), max_samples=128) as calib:
+        pipe(PROMPTS, **GEN)
+    result = quantize_model(transformer, plan, calib.stats(), options, progress=False)
+    quantize_transformer_in_place(transformer, result)
+    return result.reports
+
+
+def with_outlier_channels(pipe, channels=4, factor=20.0):
+    """Diffusion transformers carry a few residual-stream channels far larger than the rest
+    (the SVDQuant paper's motivation); random weights do not, so plant some."""
+    with torch.no_grad():
+        for lin in (pipe.transformer.x_embedder, pipe.transformer.context_embedder):
+            lin.weight[:channels] *= factor
+            lin.bias[:channels] *= factor
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A BF16 tiny pipeline saved as a diffusers folder, and its SVDQuant INT4 checkpoint."""
+    root = tmp_path_factory.mktemp("flux")
+    pipe = with_outlier_channels(build_tiny_flux_pipeline(torch_dtype=torch.bfloat16))
+    pipe.save_pretrained(root / "base")
+    reports = quantize_pipeline(pipe)
+    save_quantized_transformer(root / "int4", pipe.transformer)
+    pipe.reports = reports
+    return root, pipe
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * math.log10(1.0 / float(((a - b) ** 2).mean()))
+
+
+def test_layout_computes_the_diffusers_function_for_any_batch_and_resolution():
+    pipe = build_tiny_flux_pipeline()
+    original = pipe.transformer.eval()
+    layout = to_nunchaku_layout(copy.deepcopy(original))
+    assert isinstance(layout.single_transformer_blocks[0], SVDQFluxSingleTransformerBlock)
+    assert not hasattr(layout.transformer_blocks[0].attn, "to_q")
+    for batch, h, w in ((1, 64, 64), (3, 48, 80), (2, 16, 16)):
+        inp = transformer_inputs(batch, h, w, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(layout(**inp)[0], original(**inp)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_every_quantized_module_is_in_place(saved):
+    _, pipe = saved
+    names = dict(iter_quantized_modules(pipe.transformer))
+    cfg = TinyFluxConfig()
+    assert len(names) == cfg.num_layers * 10 + cfg.num_single_layers * 4
+    assert isinstance(names["transformer_blocks.0.ff.net.2"], SVDQW4A4Linear)
+    assert names["transformer_blocks.0.ff.net.2"].act_unsigned
+    assert names["single_transformer_blocks.1.mlp_out"].act_unsigned
+    assert not names["single_transformer_blocks.1.qkv_mlp"].act_unsigned
+    assert isinstance(names["transformer_blocks.1.norm1_context.linear"], AWQW4A16Linear)
+    # Embedders and the final layer stay 16-bit.
+    assert isinstance(pipe.transformer.x_embedder, torch.nn.Linear)
+    assert pipe.transformer.proj_out.weight.dtype == torch.bfloat16
+
+
+def test_int4_is_close_to_bf16_and_much_closer_than_naive_w4a4(saved):
+    root, pipe = saved
+    base = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16)
+    ref_t = to_nunchaku_layout(copy.deepcopy(base.transformer))
+    svdq = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=root / "int4")
+    naive = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16)
+    naive_reports = quantize_pipeline(naive, QuantizerOptions(decompose=DecomposeOptions(rank=0), smoothing=False))
+    # Layer by layer, on the calibration tokens:
+    mean_db = lambda reports: np.mean([r.sqnr_db for r in reports if r.kind == "w4a4"])  # noqa: E731
+    assert mean_db(pipe.reports) > mean_db(naive_reports) + 6, (mean_db(pipe.reports), mean_db(naive_reports))
+    # The whole transformer (its output is dominated by the residual stream, so gaps shrink):
+    inp = transformer_inputs()
+    with torch.no_grad():
+        ref = ref_t(**inp)[0].float()
+        out_svdq = svdq.transformer(**inp)[0].float()
+        out_naive = naive.transformer(**inp)[0].float()
+    sqnr = lambda y: 10 * math.log10(ref.pow(2).sum() / (y - ref).pow(2).sum())  # noqa: E731
+    assert sqnr(out_svdq) > 40, sqnr(out_svdq)
+    assert sqnr(out_svdq) > sqnr(out_naive) + 3, (sqnr(out_svdq), sqnr(out_naive))
+    # And the images, through the VAE:
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    img_bf16 = base(PROMPTS[0], generator=g(), output_type="np", **GEN).images
+    img_svdq = svdq(PROMPTS[0], generator=g(), output_type="np", **GEN).images
+    img_naive = naive(PROMPTS[0], generator=g(), output_type="np", **GEN).images
+    assert img_svdq.shape == (1, 64, 64, 3)
+    assert psnr(img_svdq, img_bf16) > 35, psnr(img_svdq, img_bf16)
+    assert psnr(img_svdq, img_bf16) > psnr(img_naive, img_bf16)
+
+
+def test_checkpoint_round_trip_gives_identical_images(saved):
+    root, pipe = saved
+    loaded = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=root / "int4")
+    # The same text encoders (from_pretrained keeps T5's `wo` in float32), our in-memory transformer.
+    in_memory = nunchaku_flux.with_transformer(loaded, pipe.transformer)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = in_memory(PROMPTS[1], generator=g(), output_type="np", **GEN).images
+    b = loaded(PROMPTS[1], generator=g(), output_type="np", **GEN).images
+    assert np.array_equal(a, b)
+
+
+def test_batch_callbacks_and_side_by_side(saved):
+    root, _ = saved
+    int4 = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=root / "int4")
+    steps = []
+    out = int4(PROMPTS[:2], num_images_per_prompt=2, output_type="np",
+               callback_on_step_end=lambda p, i, t, kw: (steps.append(i), kw)[1], **GEN)
+    assert out.images.shape == (4, 64, 64, 3) and steps == [0, 1]
+    bf16_t = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16).transformer
+    bf16 = nunchaku_flux.with_transformer(int4, bf16_t)
+    assert bf16.text_encoder_2 is int4.text_encoder_2 and bf16.vae is int4.vae
+    assert isinstance(bf16.transformer.transformer_blocks[0].attn.to_q, torch.nn.Linear)
+    assert bf16(PROMPTS[0], output_type="np", **GEN).images.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("generation", [Generation.V1, Generation.TWO_FILE, Generation.V01])
+def test_official_checkpoints_load_and_match_our_model(saved, tmp_path, generation):
+    root, pipe = saved
+    w4a4, w4a16, plain = layout_to_official(*quantized_layers(pipe.transformer))
+    config = {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}
+    if generation is Generation.V01:
+        plain = {k: v for k, v in plain.items() if k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    path = tmp_path / ("official" if generation is Generation.TWO_FILE else "official.safetensors")
+    write_official(path, w4a4, w4a16, plain, config, generation=generation)
+    loaded = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=path)
+    qkv_mlp = loaded.transformer.single_transformer_blocks[0].qkv_mlp
+    assert qkv_mlp.rank == 64  # the official file's two branches, both kept
+    inp = transformer_inputs(batch=2)
+    with torch.no_grad():
+        ours = pipe.transformer(**inp)[0].float()
+        theirs = loaded.transformer(**inp)[0].float()
+    # Same weights; only the summation order of the duplicated low-rank branch differs.
+    torch.testing.assert_close(theirs, ours, rtol=2e-2, atol=2e-2)
+
+
+def test_hub_paths_resolve_through_huggingface_hub(saved, tmp_path, monkeypatch):
+    root, _ = saved
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        dest = tmp_path / "hub" / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "int4" / "diffusion_pytorch_model.safetensors", dest)
+        return str(dest)
+
+    def fake_snapshot(repo_id, **kwargs):
+        calls.append((repo_id, None))
+        return str(root / "int4")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    pipe = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path="org/svdq-tiny")
+    assert calls == [("org/svdq-tiny", None)]
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_qkv, SVDQW4A4Linear)
+
+
+def test_bad_inputs_get_clear_errors(saved, tmp_path):
+    root, _ = saved
+    pipe = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=root / "int4")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        pipe("   ", **GEN)
+    with pytest.raises(ValueError, match="multiples of 16 pixels.*got 72x64"):
+        pipe(PROMPTS[0], **{**GEN, "height": 72})
+
+    # A checkpoint for another model (different depth) is refused with the layers named.
+    other = build_tiny_flux_pipeline(TinyFluxConfig(num_layers=1, num_single_layers=1), torch_dtype=torch.bfloat16)
+    quantize_pipeline(other, QuantizerOptions(decompose=DecomposeOptions(rank=16), alphas=(0.5,)))
+    save_quantized_transformer(tmp_path / "other", other.transformer)
+    shutil.copy(root / "base" / "transformer" / "config.json", tmp_path / "cfg.json")
+    import json
+
+    lite_cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    lite_cfg["num_layers"] = 2  # claims the base model's depth but holds one block
+    (tmp_path / "other" / "config.json").write_text(json.dumps(lite_cfg))
+    with pytest.raises(CheckpointError, match=r"missing \['transformer_blocks.1"):
+        nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=tmp_path / "other")
+
+    # A missing tensor is named.
+    from nunchaku.formats import read_safetensors, write_safetensors
+
+    tensors, meta = read_safetensors(root / "int4" / "diffusion_pytorch_model.safetensors")
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "int4", broken)
+    del tensors["transformer_blocks.0.attn.to_qkv.proj_up"]
+    write_safetensors(broken / "diffusion_pytorch_model.safetensors", tensors, meta)
+    with pytest.raises(CheckpointError, match="transformer_blocks.0.attn.to_qkv.proj_up"):
+        nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=broken)
