@@ -69,6 +69,8 @@ setup(
     install_requires=[line.split("#")[0].strip() for line in open("requirements.txt")
                       if line.split("#")[0].strip()],
     extras_require={"test": ["pytest>=8"]},
+    package_data={"nunchaku": ["data/*.txt"]},
+    entry_points={"console_scripts": ["nunchaku=nunchaku.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
