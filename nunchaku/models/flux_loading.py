@@ -18,7 +18,6 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from ..formats import CheckpointError, Generation, LiteCheckpoint, OfficialCheckpoint, load_lite, read_official
-from ..formats.safetensors_io import read_safetensors
 from ..quant.weights import W4A4Weights, W4A16Weights, concat_w4a4_outputs
 from .flux import FluxLayoutError, apply_quantized_modules, to_nunchaku_layout
 

@@ -108,6 +108,8 @@ def build_tiny_flux_pipeline(
         tokenizer=make_word_tokenizer(vocab, c.clip_max_length, add_bos=True),
         tokenizer_2=make_word_tokenizer(vocab, c.t5_max_length, add_bos=False),
     )
+    for module in (transformer, clip, t5, vae):
+        module.eval()  # constructors leave training mode on (T5's dropout would make runs random)
     return pipe.to(dtype=torch_dtype)
 
 

@@ -10,6 +10,72 @@ from ..quant.int4 import pack_int4_nibbles, unpack_int4_nibbles
 from ..quant.weights import W4A4Weights, W4A16Weights
 
 
+class LowRankAdapters:
+    """Extra low-rank branches (LoRAs) on a quantized linear, each with its own strength.
+
+    An adapter is down [K, r] (reads the raw input x), up [N, r] and a strength s; the layer adds
+    s·(x·down)·upᵀ. For W4A4 layers the adapters become extra ranks of the 16-bit low-rank branch
+    (no requantization). Factors are non-persistent buffers: they move with .to() but are not
+    part of the checkpoint. Strengths are applied as a per-rank scale of the up-projection, so
+    changing one recomputes a small concatenation and reloads nothing.
+    """
+
+    def _init_adapters(self) -> None:
+        self._adapter_names: list[str] = []
+        self._adapter_strengths: dict[str, float] = {}
+        self._lowrank_cache = None
+
+    def set_adapter(self, name: str, down: torch.Tensor, up: torch.Tensor, strength: float = 1.0) -> None:
+        if down.dim() != 2 or up.dim() != 2 or down.shape[1] != up.shape[1]:
+            raise ValueError(f"adapter {name!r}: expected down [K, r] and up [N, r], got {list(down.shape)} and "
+                             f"{list(up.shape)}")
+        if down.shape[0] != self.in_features or up.shape[0] != self.out_features:
+            raise ValueError(
+                f"adapter {name!r} is [K={down.shape[0]}, N={up.shape[0]}], the layer is "
+                f"[K={self.in_features}, N={self.out_features}]"
+            )
+        ref = self.wscales
+        self.register_buffer(f"adapter_down_{name}", down.to(ref.device, ref.dtype), persistent=False)
+        self.register_buffer(f"adapter_up_{name}", up.to(ref.device, ref.dtype), persistent=False)
+        if name not in self._adapter_names:
+            self._adapter_names.append(name)
+        self._adapter_strengths[name] = float(strength)
+        self._lowrank_cache = None
+
+    def set_adapter_strength(self, name: str, strength: float) -> None:
+        if name not in self._adapter_strengths:
+            raise KeyError(f"no adapter named {name!r} on this layer (have {self._adapter_names})")
+        self._adapter_strengths[name] = float(strength)
+        self._lowrank_cache = None
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self._adapter_strengths:
+            raise KeyError(f"no adapter named {name!r} on this layer (have {self._adapter_names})")
+        self._adapter_names.remove(name)
+        del self._adapter_strengths[name]
+        delattr(self, f"adapter_down_{name}")
+        delattr(self, f"adapter_up_{name}")
+        self._lowrank_cache = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._adapter_names)
+
+    def _adapter_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All active adapters as one (down [K, Σr], up·strength [N, Σr]), or None when none is
+        active. Adapters at strength 0 are left out, so the layer is then exactly the base layer."""
+        active = [n for n in self._adapter_names if self._adapter_strengths[n] != 0.0]
+        if not active:
+            return None
+        downs = [getattr(self, f"adapter_down_{n}") for n in active]
+        ups = [getattr(self, f"adapter_up_{n}") * self._adapter_strengths[n] for n in active]
+        return torch.cat(downs, dim=1), torch.cat(ups, dim=1)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._lowrank_cache = None  # .to()/.cuda() move the buffers the cache was built from
+        return super()._apply(fn, *args, **kwargs)
+
+
 def _check_input(module: nn.Module, x: torch.Tensor) -> None:
     if x.shape[-1] != module.in_features:
         raise ValueError(
@@ -19,7 +85,7 @@ def _check_input(module: nn.Module, x: torch.Tensor) -> None:
         raise TypeError(f"{type(module).__name__}: input must be a floating-point tensor, got {x.dtype}")
 
 
-class SVDQW4A4Linear(nn.Module):
+class SVDQW4A4Linear(LowRankAdapters, nn.Module):
     """SVDQuant W4A4 linear: y = Q4(x/smooth)·Q4(R)ᵀ + (x·lora_down)·lora_upᵀ + bias.
 
     Buffers (dtype = the compute dtype unless noted):
@@ -55,6 +121,7 @@ class SVDQW4A4Linear(nn.Module):
         self.register_buffer("lora_down", torch.zeros(in_features, rank, dtype=dtype, **kw))
         self.register_buffer("lora_up", torch.zeros(out_features, rank, dtype=dtype, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        self._init_adapters()
 
     @classmethod
     def from_weights(cls, w: W4A4Weights, dtype: torch.dtype = torch.bfloat16) -> SVDQW4A4Linear:
@@ -85,12 +152,30 @@ class SVDQW4A4Linear(nn.Module):
             bias=self.bias, act_unsigned=self.act_unsigned, group_size=self.group_size,
         )
 
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The branch the kernels run: the quantization's own rank-r part followed by every
+        adapter (strength folded into up), zero-padded to a multiple of 16 ranks for the kernels."""
+        if self._lowrank_cache is None:
+            extra = self._adapter_factors()
+            if extra is None:
+                self._lowrank_cache = (self.lora_down, self.lora_up)
+            else:
+                down = torch.cat([self.lora_down, extra[0]], dim=1)
+                up = torch.cat([self.lora_up, extra[1]], dim=1)
+                pad = -down.shape[1] % 16
+                if pad:
+                    down = torch.nn.functional.pad(down, (0, pad))
+                    up = torch.nn.functional.pad(up, (0, pad))
+                self._lowrank_cache = (down, up)
+        return self._lowrank_cache
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
         lead = x.shape[:-1]
+        lora_down, lora_up = self.lowrank_factors()
         y = ops.w4a4_linear(
             x.reshape(-1, self.in_features), self.qweight, self.wscales, self.smooth,
-            self.lora_down, self.lora_up, self.bias, self.act_unsigned, self.group_size,
+            lora_down, lora_up, self.bias, self.act_unsigned, self.group_size,
         )
         return y.reshape(*lead, self.out_features)
 
@@ -99,7 +184,7 @@ class SVDQW4A4Linear(nn.Module):
                 f"group_size={self.group_size}, act_unsigned={self.act_unsigned}")
 
 
-class AWQW4A16Linear(nn.Module):
+class AWQW4A16Linear(LowRankAdapters, nn.Module):
     """Weight-only 4-bit linear: W[n,k] = code·wscales[n,k/G] + wzeros[n,k/G].
 
     Buffers: qweight uint8 [N, K/2] (unsigned codes, two per byte, even k low nibble);
@@ -125,6 +210,7 @@ class AWQW4A16Linear(nn.Module):
         self.register_buffer("wscales", torch.ones(out_features, g, dtype=dtype, **kw))
         self.register_buffer("wzeros", torch.zeros(out_features, g, dtype=dtype, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+        self._init_adapters()
 
     @classmethod
     def from_weights(cls, w: W4A16Weights, dtype: torch.dtype = torch.bfloat16) -> AWQW4A16Linear:
@@ -157,8 +243,14 @@ class AWQW4A16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
         lead = x.shape[:-1]
-        y = ops.w4a16_linear(x.reshape(-1, self.in_features), self.qweight, self.wscales, self.wzeros,
-                             self.bias, self.group_size)
+        x2 = x.reshape(-1, self.in_features)
+        y = ops.w4a16_linear(x2, self.qweight, self.wscales, self.wzeros, self.bias, self.group_size)
+        if self._adapter_names:
+            if self._lowrank_cache is None:
+                self._lowrank_cache = self._adapter_factors() or ()
+            if self._lowrank_cache:
+                down, up = self._lowrank_cache
+                y = y + ((x2.float() @ down.float()) @ up.float().T).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

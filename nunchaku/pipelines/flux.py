@@ -44,6 +44,56 @@ class NunchakuFluxPipeline(FluxPipeline):
                 raise ValueError("prompt is empty: give a text prompt (or prompt_embeds)")
         return super().check_inputs(prompt, prompt_2, height, width, *args, prompt_embeds=prompt_embeds, **kwargs)
 
+    # diffusers' LoRA API; on a quantized transformer the LoRA becomes extra low-rank ranks
+    # (nunchaku.lora), on a BF16 one diffusers' own (PEFT) loading runs.
+
+    def _quantized(self) -> bool:
+        from ..models.flux import is_nunchaku_layout
+
+        return is_nunchaku_layout(self.transformer)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        if not self._quantized():
+            return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name,
+                                             **kwargs)
+        from .. import lora
+
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, (str, os.PathLike)) and not Path(source).exists():
+            source = resolve_checkpoint(source)
+        name = adapter_name or f"default_{len(lora.loaded_loras(self.transformer))}"
+        lora.load_lora(self.transformer, source, name, kwargs.get("strength", 1.0))
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        if not self._quantized():
+            return super().set_adapters(adapter_names, adapter_weights)
+        from .. import lora
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
+        active = set(names)
+        for name in lora.loaded_loras(self.transformer):
+            if name not in active:
+                lora.set_lora_strength(self.transformer, name, 0.0)  # diffusers: unlisted adapters are off
+        for name, w in zip(names, weights):
+            lora.set_lora_strength(self.transformer, name, 1.0 if w is None else float(w))
+
+    def delete_adapters(self, adapter_names):
+        if not self._quantized():
+            return super().delete_adapters(adapter_names)
+        from .. import lora
+
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            lora.unload_lora(self.transformer, name)
+
+    def unload_lora_weights(self, *args, **kwargs):
+        if not self._quantized():
+            return super().unload_lora_weights(*args, **kwargs)
+        from .. import lora
+
+        for name in list(lora.loaded_loras(self.transformer)):
+            lora.unload_lora(self.transformer, name)
+
 
 def _transformer_config(model: str | os.PathLike, **hub_kwargs) -> dict:
     return dict(FluxTransformer2DModel.load_config(str(model), subfolder="transformer", **hub_kwargs))
