@@ -18,6 +18,8 @@ A per-module `.alpha` scales the LoRA by alpha / r, as its trainers mean it.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -108,12 +110,17 @@ def _kohya_to_bfl(stem: str) -> str | None:
     return g
 
 
-def _original_linear_names(config: Mapping) -> set[str]:
+def _original_linear_names(config: Mapping) -> frozenset[str]:
     """The nn.Linear module names of the original diffusers FLUX (built on the meta device)."""
     cfg = {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
+    return _linear_names_for(json.dumps(cfg, sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_names_for(config_json: str) -> frozenset[str]:
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(cfg)
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        model = FluxTransformer2DModel.from_config(json.loads(config_json))
+    return frozenset(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
 
 
 def parse_lora(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, LoRAFactor]:
