@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import FluxTransformer2DModel  # noqa: E402
 
 from nunchaku.lora import load_lora, set_lora_strength, unload_lora  # noqa: E402
-from nunchaku.models.flux import _set_module, quantized_module_specs, to_nunchaku_layout  # noqa: E402
+from nunchaku.models.flux import quantized_module_specs, to_nunchaku_layout  # noqa: E402
 from nunchaku.nn import AWQW4A16Linear, SVDQW4A4Linear  # noqa: E402
+from nunchaku.nn.utils import set_submodule  # noqa: E402
 
 FLUX1_CONFIG = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -46,7 +47,7 @@ def random_quantized_flux(device, dtype=torch.bfloat16, rank=32) -> FluxTransfor
         else:
             m = AWQW4A16Linear(k, n, dtype=dtype, device=device)
             m.qweight.random_(0, 256)
-        _set_module(model, spec.name, m)
+        set_submodule(model, spec.name, m)
     plain = {k: torch.randn(v.shape, dtype=dtype, device=device) * 0.02
              for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
     model.load_state_dict(plain, strict=False, assign=True)

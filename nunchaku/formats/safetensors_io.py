@@ -20,7 +20,7 @@ from .errors import CheckpointError
 
 __all__ = ["SafetensorsHeader", "TensorInfo", "inspect_safetensors", "read_safetensors", "write_safetensors"]
 
-_DTYPES: dict[str, torch.dtype] = {
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "U8": torch.uint8,
     "I8": torch.int8,
@@ -103,7 +103,7 @@ def inspect_safetensors(path: str | os.PathLike) -> SafetensorsHeader:
             begin, end = int(begin), int(end)
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"malformed header entry {entry!r}", file=path, key=key) from None
-        dtype = _DTYPES.get(dtype_name)
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None:
             raise CheckpointError(f"unsupported safetensors dtype {dtype_name!r}", file=path, key=key)
         numel = 1

@@ -32,6 +32,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from torch import nn
 
 from ..nn import AWQW4A16Linear, SVDQW4A4Linear
+from ..nn.utils import set_submodule
 from ..quant.quantizer import QuantPlan, QuantResult, W4A4Group, W4A16Target
 from ..quant.weights import W4A4Weights, W4A16Weights
 
@@ -178,12 +179,6 @@ def to_nunchaku_layout(transformer: FluxTransformer2DModel) -> FluxTransformer2D
     return transformer
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, module) if not leaf.isdigit() else parent.__setitem__(int(leaf), module)
-
-
 def apply_quantized_modules(
     transformer: FluxTransformer2DModel,
     w4a4: dict[str, W4A4Weights],
@@ -221,7 +216,7 @@ def apply_quantized_modules(
         target = device if device is not None else weights.qweight.device
         cls = SVDQW4A4Linear if isinstance(weights, W4A4Weights) else AWQW4A16Linear
         module = cls.from_weights(weights.to(device=target), dtype=dtype)
-        _set_module(transformer, name, module)
+        set_submodule(transformer, name, module)
     return transformer
 
 

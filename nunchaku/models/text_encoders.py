@@ -45,8 +45,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..formats.errors import CheckpointError
+from ..formats.errors import CheckpointError, describe
+from ..formats.safetensors_io import SAFETENSORS_DTYPES
 from ..nn.linear import AWQW4A16Linear
+from ..nn.utils import set_submodule
 from ..quant.awq import DEFAULT_CLIP_GRID, quantize_w4a16
 from ..quant.weights import W4A16Weights
 
@@ -109,11 +111,6 @@ class T5W4A16Linear(AWQW4A16Linear):
 
 def _target_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if n.startswith(_BLOCKS_PREFIX) and isinstance(m, nn.Linear)]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), leaf, module)
 
 
 def _calibrate(
@@ -203,7 +200,7 @@ def quantize_t5_encoder(
             w = quantize_w4a16(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), group_size,
                                act_sq_mean=None if act is None else act.to(lin.weight.device),
                                clip_grid=clip_grid, storage_dtype=SCALE_DTYPE)
-        _set_submodule(model, name, T5W4A16Linear.from_weights(w, SCALE_DTYPE, compute_dtype=lin.weight.dtype))
+        set_submodule(model, name, T5W4A16Linear.from_weights(w, SCALE_DTYPE, compute_dtype=lin.weight.dtype))
     return model
 
 
@@ -245,14 +242,6 @@ def save_quantized_t5(model: T5EncoderModel, path: str | os.PathLike) -> None:
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
-def _describe(shape: Sequence[int], dtype: torch.dtype | str) -> str:
-    return f"[{', '.join(str(int(s)) for s in shape)}] {str(dtype).removeprefix('torch.')}"
-
-
-_SAFETENSORS_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-}
 
 
 def _read_metadata(f: Any, path: str) -> tuple[T5Config, int, list[str]]:
@@ -325,7 +314,7 @@ def load_quantized_t5(
             if lin.in_features % group_size:
                 raise T5CheckpointError(
                     f"{name}: in_features {lin.in_features} is not a multiple of group_size {group_size}", file=path)
-            _set_submodule(model, name, T5W4A16Linear(
+            set_submodule(model, name, T5W4A16Linear(
                 lin.in_features, lin.out_features, lin.bias is not None, group_size, SCALE_DTYPE, "meta",
                 _compute_dtype(name, torch_dtype)))
 
@@ -344,7 +333,7 @@ def load_quantized_t5(
         loaded: dict[str, torch.Tensor] = {}
         for key, ref in expected.items():
             sl = f.get_slice(key)
-            shape, dtype = tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())
+            shape, dtype = tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())
             owner, _, leaf = key.rpartition(".")
             quantized = owner in qset
             if quantized and leaf == "qweight":
@@ -354,7 +343,7 @@ def load_quantized_t5(
             if shape != tuple(ref.shape) or not ok_dtype:
                 want = ref.dtype if quantized and leaf == "qweight" else "floating point"
                 raise T5ShapeMismatchError(
-                    f"expected {_describe(ref.shape, want)}, found {_describe(shape, dtype)}", file=path, key=key)
+                    f"expected {describe(ref.shape, want)}, found {describe(shape, dtype)}", file=path, key=key)
             t = f.get_tensor(key)
             if not quantized:
                 t = t.to(torch_dtype)
