@@ -1,6 +1,7 @@
 """The `nunchaku` command.
 
     nunchaku quantize MODEL --out DIR     calibrate a local diffusers FLUX folder and write an SVDQuant INT4 checkpoint
+    nunchaku quantize-t5 MODEL --out FILE W4A16 T5 text encoder of a local FLUX folder
     nunchaku convert CHECKPOINT --out DIR turn an official SVDQuant INT4 checkpoint into ours
 """
 
@@ -86,6 +87,27 @@ def _convert(args) -> int:
     return 0
 
 
+def _quantize_t5(args) -> int:
+    import torch
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from .models.text_encoders import quantize_t5_encoder, save_quantized_t5, t5_memory_report
+
+    model = Path(args.model)
+    if not (model / "text_encoder_2").is_dir():
+        raise SystemExit(f"nunchaku: {model} has no text_encoder_2/ folder (a local diffusers FLUX.1 pipeline?)")
+    encoder = T5EncoderModel.from_pretrained(model / "text_encoder_2", torch_dtype=getattr(torch, args.dtype))
+    encoder = encoder.to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer_2")
+    prompts = _read_prompts(Path(args.prompts), args.num_prompts)
+    quantize_t5_encoder(encoder, prompts, tokenizer, group_size=args.group_size)
+    save_quantized_t5(encoder, args.out)
+    report = t5_memory_report(encoder.config, args.group_size)
+    print(f"wrote {args.out}: weights {report['bf16_bytes'] / 2**30:.2f} GiB in BF16 -> "
+          f"{report['w4a16_bytes'] / 2**30:.2f} GiB in W4A16", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nunchaku", description="SVDQuant 4-bit FLUX: quantize and convert checkpoints")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signed fc2 activations, one rank: loadable by diffusers' own nunchaku_lite runtime")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_quantize)
+
+    t = sub.add_parser("quantize-t5", help="quantize the T5 text encoder of a local FLUX.1 folder to W4A16 (g128)")
+    t.add_argument("model", help="local diffusers FluxPipeline folder")
+    t.add_argument("--out", required=True, help="output .safetensors file")
+    t.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    t.add_argument("--num-prompts", type=int, default=32)
+    t.add_argument("--group-size", type=int, choices=[64, 128], default=128)
+    t.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    t.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    t.set_defaults(func=_quantize_t5)
 
     c = sub.add_parser("convert", help="convert an official SVDQuant INT4 checkpoint to a nunchaku_lite folder")
     c.add_argument("checkpoint", help="local file/folder or Hub path org/repo/file.safetensors")

@@ -68,3 +68,19 @@ def test_bad_arguments_are_named(base, tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(SystemExit, match="holds no prompts"):
         main(["quantize", str(base / "base"), "--out", str(tmp_path / "o"), "--prompts", str(empty), *SMALL])
+
+
+def test_quantize_t5_and_load_it_into_the_pipeline(base, capsys):
+    out = base / "t5-w4a16.safetensors"
+    assert main(["quantize-t5", str(base / "base"), "--out", str(out), "--num-prompts", "4", "--device", "cpu",
+                 "--group-size", "64"]) == 0
+    assert "GiB in W4A16" in capsys.readouterr().err
+    pipe = nunchaku_flux.from_pretrained(base / "base", torch_dtype=torch.bfloat16, qmodel_path=base / "int4",
+                                         qencoder_path=out)
+    from nunchaku.nn import AWQW4A16Linear
+
+    assert isinstance(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q, AWQW4A16Linear)
+    img = pipe("a red circle", num_inference_steps=2, guidance_scale=0, height=64, width=64, output_type="np").images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    with pytest.raises(SystemExit, match="no text_encoder_2"):
+        main(["quantize-t5", str(base), "--out", str(out)])

@@ -148,17 +148,21 @@ def from_pretrained(
     pretrained_model_name_or_path: str | os.PathLike,
     torch_dtype: torch.dtype = torch.bfloat16,
     qmodel_path: str | os.PathLike | None = None,
+    qencoder_path: str | os.PathLike | None = None,
     **kwargs,
 ) -> NunchakuFluxPipeline:
     """A diffusers FluxPipeline (NunchakuFluxPipeline) whose transformer runs in 4 bits when
-    qmodel_path is given, BF16 otherwise. Other kwargs go to diffusers' from_pretrained."""
-    if qmodel_path is None:
-        return NunchakuFluxPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype, **kwargs)
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-    transformer = load_transformer(pretrained_model_name_or_path, qmodel_path, torch_dtype, **hub_kwargs)
-    return NunchakuFluxPipeline.from_pretrained(
-        pretrained_model_name_or_path, transformer=transformer, torch_dtype=torch_dtype, **kwargs
-    )
+    qmodel_path is given, BF16 otherwise; with qencoder_path the T5 text encoder is a W4A16 one
+    (see nunchaku.models.text_encoders, `nunchaku quantize-t5`). Other kwargs go to diffusers'
+    from_pretrained."""
+    if qmodel_path is not None:
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        kwargs["transformer"] = load_transformer(pretrained_model_name_or_path, qmodel_path, torch_dtype, **hub_kwargs)
+    if qencoder_path is not None:
+        from ..models.text_encoders import load_quantized_t5
+
+        kwargs["text_encoder_2"] = load_quantized_t5(resolve_checkpoint(qencoder_path), torch_dtype=torch_dtype)
+    return NunchakuFluxPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype, **kwargs)
 
 
 def with_transformer(pipeline: FluxPipeline, transformer: FluxTransformer2DModel) -> NunchakuFluxPipeline:
