@@ -218,9 +218,12 @@ def load_lora(
     adapter_name: str,
     strength: float = 1.0,
 ) -> None:
-    """Adds a LoRA (file path or state dict) to a quantized nunchaku-layout transformer."""
+    """Adds a LoRA (file path or state dict) to a nunchaku-layout transformer: extra ranks on its
+    4-bit modules, a 16-bit merge on its nn.Linear ones (all of them, for a BF16 transformer put
+    in the layout with to_nunchaku_layout)."""
     if not is_nunchaku_layout(transformer):
-        raise LoRAError("load_lora needs a quantized nunchaku transformer (use diffusers' own LoRA loading for BF16)")
+        raise LoRAError("load_lora needs a transformer in the nunchaku layout (nunchaku.models.flux."
+                        "to_nunchaku_layout, or a quantized one); for plain diffusers models use diffusers' LoRA API")
     if not re.fullmatch(r"[A-Za-z0-9_]+", adapter_name):
         raise LoRAError(f"adapter name must be letters, digits and underscores, got {adapter_name!r}")
     state = _state(transformer)
