@@ -193,3 +193,56 @@ def test_bad_inputs_get_clear_errors(saved, tmp_path):
     write_safetensors(broken / "diffusion_pytorch_model.safetensors", tensors, meta)
     with pytest.raises(CheckpointError, match="transformer_blocks.0.attn.to_qkv.proj_up"):
         nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=broken)
+
+
+def test_official_checkpoint_with_the_shared_vectors_loads_bit_exactly(shared_testdata, tmp_path):
+    """A v1 official file whose transformer_blocks.0.out_proj holds the shared ground-truth bytes
+    (case0, N = K = 256): the loaded layer has exactly the vectors' logical tensors and computes
+    their reference output up to 4-bit activation quantization."""
+    import dataclasses
+
+    from diffusers import FluxTransformer2DModel
+
+    from nunchaku.formats import read_safetensors, write_safetensors
+    from nunchaku.formats.testing import random_flux_layers
+    from nunchaku.models.flux_loading import build_quantized_transformer
+    from nunchaku.quant.svdquant import simulate_w4a4
+
+    config = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=64,
+                  num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+                  axes_dims_rope=(16, 24, 24))
+    w4a4, w4a16, _ = random_flux_layers(config, generator=torch.Generator().manual_seed(0))
+    qkv = w4a4["single_transformer_blocks.0.qkv_proj"]
+    w4a4["single_transformer_blocks.0.mlp_fc1"] = dataclasses.replace(
+        w4a4["single_transformer_blocks.0.mlp_fc1"], smooth=qkv.smooth)  # official files share it
+    model = FluxTransformer2DModel(**config).to(torch.bfloat16)
+    plain = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    for block in ("transformer_blocks.0.", "single_transformer_blocks.0."):
+        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            key = f"{block}attn.{norm}.weight"
+            if key in model.state_dict():
+                plain[f"{block}{norm}.weight"] = model.state_dict()[key]
+    path = tmp_path / "svdq-int4-tiny.safetensors"
+    write_official(path, w4a4, w4a16, plain, config, generation=Generation.V1)
+
+    vectors, _ = read_safetensors(shared_testdata / "nunchaku_formats" / "w4a4_int4.safetensors")
+    tensors, meta = read_safetensors(path)
+    for suffix in ("qweight", "wscales", "bias", "smooth", "smooth_orig", "lora_down", "lora_up"):
+        key = f"transformer_blocks.0.out_proj.{suffix}"
+        assert tensors[key].shape == vectors[f"case0.{suffix}"].shape, key
+        tensors[key] = vectors[f"case0.{suffix}"]
+    write_safetensors(path, tensors, meta)
+
+    transformer = build_quantized_transformer(path)
+    layer = transformer.transformer_blocks[0].attn.to_out[0]
+    w = layer.to_weights()
+    assert torch.equal(w.qweight, vectors["case0.plain.weight_int4"])
+    for ours, theirs in (("wscales", "wscales"), ("smooth", "smooth"), ("lora_down", "lora_down"),
+                         ("lora_up", "lora_up"), ("bias", "bias")):
+        assert torch.equal(getattr(w, ours), vectors[f"case0.plain.{theirs}"]), ours
+    x = vectors["case0.ref.x"]
+    y = layer(x.float().to(torch.bfloat16)).float()
+    torch.testing.assert_close(y, simulate_w4a4(x, w).to(torch.bfloat16).float(), rtol=0, atol=0)
+    ref = vectors["case0.ref.y_noactquant"]
+    assert ((y - ref).norm() / ref.norm()).item() < 0.15  # only the 4-bit activations differ
