@@ -19,3 +19,15 @@ def _seeded():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny-tensor tests: on 2-core CI runners OpenMP's spinning workers make
+    every small elementwise op cost milliseconds (the formats suite: 30 s instead of 8 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

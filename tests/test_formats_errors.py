@@ -29,15 +29,7 @@ from nunchaku.formats import (
 from nunchaku.formats.resolve import parse_hub_path
 from nunchaku.formats.testing import random_flux_layers, random_w4a4, random_w4a16, tiny_flux_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on 2-core CI runners OpenMP's spinning workers make every
-    elementwise op cost milliseconds (30 s instead of 8 s for the formats suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 QKV = "transformer_blocks.0.qkv_proj"

@@ -13,15 +13,7 @@ from nunchaku.formats import packing as P
 from nunchaku.formats.safetensors_io import read_safetensors, write_safetensors
 from nunchaku.formats.testing import assert_w4a4_equal, assert_w4a16_equal, random_w4a4, random_w4a16, tiny_flux_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on 2-core CI runners OpenMP's spinning workers make every
-    elementwise op cost milliseconds (30 s instead of 8 s for the formats suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

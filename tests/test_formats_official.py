@@ -29,15 +29,7 @@ from nunchaku.formats.testing import (
 )
 from nunchaku.quant.weights import W4A4Weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on 2-core CI runners OpenMP's spinning workers make every
-    elementwise op cost milliseconds (30 s instead of 8 s for the formats suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -10,15 +10,7 @@ from safetensors.torch import load_file
 from nunchaku.formats import packing as P
 from nunchaku.quant.weights import W4A4Weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on 2-core CI runners OpenMP's spinning workers make every
-    elementwise op cost milliseconds (30 s instead of 8 s for the formats suite)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
