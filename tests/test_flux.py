@@ -246,3 +246,25 @@ def test_official_checkpoint_with_the_shared_vectors_loads_bit_exactly(shared_te
     torch.testing.assert_close(y, simulate_w4a4(x, w).to(torch.bfloat16).float(), rtol=0, atol=0)
     ref = vectors["case0.ref.y_noactquant"]
     assert ((y - ref).norm() / ref.norm()).item() < 0.15  # only the 4-bit activations differ
+
+
+def test_quantized_transformer_compiles_as_one_graph(saved):
+    """torch.compile(fullgraph=True) captures the whole 4-bit transformer (reference ops), with a
+    LoRA loaded too; aot_eager checks the capture without needing a C++ toolchain."""
+    from nunchaku.lora import load_lora, unload_lora
+
+    _, pipe = saved
+    transformer = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    lora = {f"transformer.transformer_blocks.0.attn.{p}.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.05
+            for p in ("to_q", "add_k_proj") for ab, shape in (("A", (8, 128)), ("B", (128, 8)))}
+    inp = transformer_inputs()
+    with torch.no_grad():
+        for with_lora in (False, True):
+            if with_lora:
+                load_lora(transformer, lora, "compiled")
+            torch._dynamo.reset()
+            eager = transformer(**inp)[0]
+            compiled = torch.compile(transformer, fullgraph=True, backend="aot_eager")(**inp)[0]
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    unload_lora(transformer, "compiled")
