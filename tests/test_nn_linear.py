@@ -93,3 +93,25 @@ def test_reference_ops_compose_to_the_linear():
     y2 = ops.w4a4_linear(x, pack_int4_nibbles(weights.qweight), weights.wscales, weights.smooth, weights.lora_down,
                          weights.lora_up, weights.bias, True)
     torch.testing.assert_close(y2, y)
+
+
+def test_weight_layouts_round_trip_and_follow_the_device(monkeypatch):
+    from nunchaku.nn.linear import WeightLayout
+
+    weights = make_w4a4()
+    layer = SVDQW4A4Linear.from_weights(weights)
+    assert layer.weight_layout is WeightLayout.NIBBLES  # on the CPU: the reference's layout
+    layer._set_layout(WeightLayout.SM90)  # what a move to an H100 does
+    assert layer.qweight.shape == (256 // 128, 3, 128, 64) and layer.wscales.dtype == torch.float32
+    back = layer.to_weights()
+    assert torch.equal(back.qweight, weights.qweight) and torch.equal(back.wscales, weights.wscales)
+    layer.to(torch.float32).to("cpu")  # .to() on the CPU returns it to the reference layout
+    assert layer.weight_layout is WeightLayout.NIBBLES
+    assert torch.equal(layer.to_weights().qweight, weights.qweight)
+
+    monkeypatch.setenv("NUNCHAKU_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="NUNCHAKU_BACKEND=cuda, but the layer is on cpu"):
+        layer.to("cpu")
+    monkeypatch.setenv("NUNCHAKU_BACKEND", "fast")
+    with pytest.raises(ValueError, match="NUNCHAKU_BACKEND='fast' is not one of"):
+        layer.to("cpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 import torch
 from torch import nn
 
@@ -85,12 +87,21 @@ def _check_input(module: nn.Module, x: torch.Tensor) -> None:
         raise TypeError(f"{type(module).__name__}: input must be a floating-point tensor, got {x.dtype}")
 
 
+class WeightLayout(str, enum.Enum):
+    """How a SVDQW4A4Linear holds its int4 weights (only one copy is ever kept)."""
+
+    NIBBLES = "nibbles"  # qweight uint8 [N, K/2], wscales [N, K/G]: the reference path's layout
+    SM90 = "sm90"  # qweight / wscales in the Hopper kernels' layout (nunchaku.ops.sm90_layout)
+
+
 class SVDQW4A4Linear(LowRankAdapters, nn.Module):
     """SVDQuant W4A4 linear: y = Q4(x/smooth)·Q4(R)ᵀ + (x·lora_down)·lora_upᵀ + bias.
 
     Buffers (dtype = the compute dtype unless noted):
       qweight   uint8 [N, K/2]  int4 codes of R, two per byte (even k in the low nibble)
       wscales         [N, K/G]  per (row, group) scale of R
+      (in WeightLayout.SM90 these two hold the Hopper kernels' layout instead: the module
+       repacks itself when moved to a GPU those kernels support, and back when moved away)
       smooth          [K]       divides x before activation quantization
       lora_down       [K, r]    reads the raw x
       lora_up         [N, r]
@@ -121,12 +132,50 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         self.register_buffer("lora_down", torch.zeros(in_features, rank, dtype=dtype, **kw))
         self.register_buffer("lora_up", torch.zeros(out_features, rank, dtype=dtype, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        self.weight_layout = WeightLayout.NIBBLES
         self._init_adapters()
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.sync_weight_layout()
+        return self
+
+    def sync_weight_layout(self) -> None:
+        """Puts the weights in the layout of the path that runs on the module's device (the
+        sm_90 kernels or the reference; see nunchaku.ops.use_sm90_kernels). Called on every
+        .to()/.cuda() and at creation."""
+        want = WeightLayout.SM90 if ops.use_sm90_kernels(self.qweight.device, self.out_features,
+                                                         self.in_features) else WeightLayout.NIBBLES
+        if want is not self.weight_layout:
+            self._set_layout(want)
+        elif self.weight_layout is WeightLayout.SM90 and self.wscales.dtype != torch.float32:
+            self.wscales = self.wscales.float()  # a float cast of the module must not change the kernel's layout
+
+    def _set_layout(self, layout: WeightLayout) -> None:
+        from ..ops.sm90_layout import pack_weights_sm90
+
+        codes, scales = self._logical_codes_and_scales()
+        if layout is WeightLayout.SM90:
+            self.qweight, self.wscales = pack_weights_sm90(codes, scales)
+        else:
+            self.qweight, self.wscales = pack_int4_nibbles(codes), scales.to(self.bias.dtype)
+        self.weight_layout = layout
+
+    def _logical_codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes [N, K] and scales [N, K/G] whatever the current layout."""
+        if self.weight_layout is WeightLayout.NIBBLES:
+            return unpack_int4_nibbles(self.qweight, signed=True), self.wscales
+        from ..ops.sm90_layout import unpack_weights_sm90
+
+        g = self.in_features // self.group_size
+        scales = self.wscales[:g].t().to(self.bias.dtype)
+        return unpack_weights_sm90(self.qweight, self.in_features), scales
 
     @classmethod
     def from_weights(cls, w: W4A4Weights, dtype: torch.dtype = torch.bfloat16) -> SVDQW4A4Linear:
         m = cls(w.in_features, w.out_features, w.rank, w.group_size, w.act_unsigned, dtype, w.qweight.device)
         m.load_weights(w)
+        m.sync_weight_layout()
         return m
 
     def load_weights(self, w: W4A4Weights) -> None:
@@ -140,15 +189,21 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
                 f"group={self.group_size}"
             )
         self.act_unsigned = w.act_unsigned
+        layout = self.weight_layout
+        if layout is not WeightLayout.NIBBLES:
+            self._set_layout(WeightLayout.NIBBLES)
         with torch.no_grad():
             self.qweight.copy_(pack_int4_nibbles(w.qweight))
             for name in ("wscales", "smooth", "lora_down", "lora_up", "bias"):
                 getattr(self, name).copy_(getattr(w, name))
+        if layout is not WeightLayout.NIBBLES:
+            self._set_layout(layout)
 
     def to_weights(self) -> W4A4Weights:
+        codes, scales = self._logical_codes_and_scales()
         return W4A4Weights(
-            qweight=unpack_int4_nibbles(self.qweight, signed=True),
-            wscales=self.wscales, smooth=self.smooth, lora_down=self.lora_down, lora_up=self.lora_up,
+            qweight=codes,
+            wscales=scales, smooth=self.smooth, lora_down=self.lora_down, lora_up=self.lora_up,
             bias=self.bias, act_unsigned=self.act_unsigned, group_size=self.group_size,
         )
 
@@ -173,10 +228,19 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         _check_input(self, x)
         lead = x.shape[:-1]
         lora_down, lora_up = self.lowrank_factors()
-        y = ops.w4a4_linear(
-            x.reshape(-1, self.in_features), self.qweight, self.wscales, self.smooth,
-            lora_down, lora_up, self.bias, self.act_unsigned, self.group_size,
-        )
+        x2 = x.reshape(-1, self.in_features)
+        if self.weight_layout is WeightLayout.SM90:
+            from ..ops import sm90
+
+            y = sm90.w4a4_linear_sm90(
+                x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
+                self.act_unsigned,
+            ).to(x.dtype)
+        else:
+            y = ops.w4a4_linear(
+                x2, self.qweight, self.wscales, self.smooth,
+                lora_down, lora_up, self.bias, self.act_unsigned, self.group_size,
+            )
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

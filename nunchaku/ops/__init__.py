@@ -1,16 +1,68 @@
-"""The kernel boundary: one function per op.
+"""The kernel boundary: one function per op, and the choice of backend.
 
-Each function takes logical-layout tensors (nunchaku.quant.weights; weight codes nibble-packed)
-and runs the reference implementation (nunchaku.ops.reference), which works on every device.
-The CUDA kernels (csrc/, nunchaku.ops.sm90) plug in here once they pass their tests against
-that reference; callers do not change.
+The functions here take logical-layout tensors (nunchaku.quant.weights; weight codes
+nibble-packed) and run the reference implementation (nunchaku.ops.reference), which works on
+every device. The CUDA kernels (csrc/, nunchaku.ops.sm90) take their own weight layouts, which
+the modules prepare once when they are moved to a GPU the kernels support (see
+nunchaku.nn.linear); both paths are tested against the reference.
+
+NUNCHAKU_BACKEND selects: "auto" (default: the CUDA kernels where built and supported, the
+reference elsewhere), "reference" (always the reference), "cuda" (the kernels, or an error
+naming what is missing).
 """
 
 from __future__ import annotations
 
+import enum
+import os
+
 import torch
 
 from . import reference
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"
+    REFERENCE = "reference"
+    CUDA = "cuda"
+
+
+def requested_backend() -> Backend:
+    value = os.environ.get("NUNCHAKU_BACKEND", "auto").strip().lower()
+    try:
+        return Backend(value)
+    except ValueError:
+        raise ValueError(
+            f"NUNCHAKU_BACKEND={value!r} is not one of {[b.value for b in Backend]}"
+        ) from None
+
+
+def sm90_kernel_problem(device: torch.device, n: int, k: int) -> str | None:
+    """Why the sm_90 W4A4 kernels cannot run a [N, K] layer on `device`, or None if they can."""
+    if device.type != "cuda":
+        return f"the layer is on {device}, not a CUDA GPU"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; the W4A4 kernels built so far are for "
+                "Hopper (sm_90); the Ampere/Ada INT4 path is not written yet")
+    if n % 128 or k % 64:
+        return f"the kernels need N % 128 == 0 and K % 64 == 0, the layer is N={n}, K={k}"
+    from . import sm90
+
+    if not sm90.extension_available():
+        return "the CUDA extension nunchaku._C is not built (pip install --no-build-isolation -e . with nvcc)"
+    return None
+
+
+def use_sm90_kernels(device: torch.device, n: int, k: int) -> bool:
+    """Whether a layer on `device` should run the sm_90 kernels, per NUNCHAKU_BACKEND."""
+    backend = requested_backend()
+    if backend is Backend.REFERENCE:
+        return False
+    problem = sm90_kernel_problem(device, n, k)
+    if backend is Backend.CUDA and problem is not None:
+        raise RuntimeError(f"NUNCHAKU_BACKEND=cuda, but {problem}")
+    return problem is None
 
 
 def w4a4_linear(
