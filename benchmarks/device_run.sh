@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# One device call: build nunchaku._C for sm_90a, smoke-test, run the GPU tests, benchmark.
+# Logs go to $OUT (the device tool brings that folder back, also when a step fails).
+# Usage (repo root, on the GPU machine):
+#   bash benchmarks/device_run.sh [--quick] [--no-tests] [--no-bench] [--ncu]
+# Carry `.whl` (pytest wheels) if pytest is missing there.
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/nunchaku_out}
+mkdir -p "$OUT"
+export MAX_JOBS=16 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+BENCH_ARGS=()
+RUN_TESTS=1
+RUN_NCU=0
+RUN_BENCH=1
+RUN_ABLATE=0
+for a in "$@"; do
+  case "$a" in
+    --quick) BENCH_ARGS+=(--quick) ;;
+    --no-tests) RUN_TESTS=0 ;;
+    --ncu) RUN_NCU=1 ;;
+    --no-bench) RUN_BENCH=0 ;;
+    --ablate) RUN_ABLATE=1 ;;
+  esac
+done
+
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  nvcc --version | tail -1
+} 2>&1 | tee "$OUT/env.log"
+
+if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+python3 benchmarks/build_ext.py 2>&1 | tee "$OUT/build.log" | grep -E "error|warning|ptxas info|spill|built " | grep -v "Compile time" | tail -40
+if [ "${PIPESTATUS[0]}" -ne 0 ] || ! ls nunchaku/_C*.so >/dev/null 2>&1; then
+  echo "BUILD FAILED"; grep -B2 -A8 -E "error" "$OUT/build.log" | head -60; exit 1
+fi
+SO=$(ls nunchaku/_C*.so | head -1)
+cuobjdump -sass "$SO" > /tmp/sass_all.txt 2>&1
+# Keep the bf16 GEMM and the bf16 signed rank-32 quantizer only (the whole dump is large).
+awk '/Function : /{keep = ($0 ~ /w4a4_gemm_kernelILb1E/ || $0 ~ /quantize_act_kernelILb1ELb0ELi2E/)} keep' /tmp/sass_all.txt > "$OUT/sass.txt"
+{ echo "== SASS instruction mix of $SO"; grep -oE "\b(QGMMA|HGMMA|IGMMA|HMMA|UTMALDG|UBLKCP|USETMAXREG|LDL|STL)[A-Z0-9._]*" /tmp/sass_all.txt | sort | uniq -c; } 2>&1 | tee -a "$OUT/env.log"
+
+# A hang (barrier deadlock) must not eat the whole call: smoke test under a short timeout.
+timeout 90 python3 - <<'PY' 2>&1 | tee "$OUT/smoke.log"
+import torch
+from nunchaku.ops import sm90
+from nunchaku.ops.sm90_layout import pack_weights_sm90, reference_quantize_act_sm90, reference_gemm_sm90
+torch.manual_seed(0)
+for (m, k, n) in [(128, 128, 128), (200, 192, 256), (4608, 3072, 3072)]:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    smooth = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+    ld = (torch.randn(k, 32, device="cuda") / k**0.5).bfloat16()
+    lu = (torch.randn(n, 32, device="cuda") * 0.1).bfloat16()
+    bias = torch.randn(n, device="cuda").bfloat16()
+    wp, wsp = pack_weights_sm90(torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8),
+                                (torch.rand(n, k // 64, device="cuda") * 0.02 + 0.001).bfloat16())
+    c, s, la = sm90.w4a4_quantize_act_sm90(x, smooth, ld)
+    torch.cuda.synchronize()
+    rc, rs, rl = reference_quantize_act_sm90(x, smooth, ld)
+    print(f"quant m={m} k={k}: code mismatches {(c.float() != rc.float()).sum().item()}, "
+          f"scale max diff {(s - rs).abs().max().item():.3e}, lora rel {((la - rl).norm() / rl.norm()).item():.3e}")
+    y = sm90.w4a4_gemm_sm90(rc, rs, wp, wsp, rl, lu, bias)
+    torch.cuda.synchronize()
+    ref = reference_gemm_sm90(rc, rs, wp, wsp, rl, lu, bias, exact=True)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    err_round = ((ref.bfloat16().double() - ref).norm() / ref.norm()).item()
+    print(f"gemm m={m} k={k} n={n}: rel err {err:.3e} (bf16 rounding alone {err_round:.3e}), finite {torch.isfinite(y).all().item()}")
+PY
+SMOKE_RC=$?
+if [ "$SMOKE_RC" -ne 0 ]; then echo "SMOKE FAILED rc=$SMOKE_RC"; exit 1; fi
+
+# Argument checks must raise RuntimeError, not crash: probe each in its own process.
+for probe in gemm_wscales gemm_dtype quant_k quant_rank; do
+  timeout 60 python3 - "$probe" <<'PY' 2>&1 | tail -2 | tee -a "$OUT/smoke.log"
+import sys, torch
+from nunchaku.ops import sm90
+from nunchaku.ops.sm90_layout import pack_weights_sm90
+sm90._load_extension()
+probe = sys.argv[1]
+x = torch.randn(8, 256, device="cuda").bfloat16()
+smooth = torch.ones(256, device="cuda").bfloat16()
+ld = torch.randn(256, 32, device="cuda").bfloat16()
+wp, wsp = pack_weights_sm90(torch.zeros(128, 256, dtype=torch.int8, device="cuda"), torch.ones(128, 4, device="cuda"))
+c, s, la = sm90.w4a4_quantize_act_sm90(x, smooth, ld)
+lu = torch.randn(128, 32, device="cuda").bfloat16(); b = torch.zeros(128, device="cuda").bfloat16()
+out = torch.empty(8, 128, device="cuda").bfloat16()
+try:
+    if probe == "gemm_wscales":
+        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp[:2], la, lu, b, out)
+    elif probe == "gemm_dtype":
+        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp, la, lu.half(), b, out)
+    elif probe == "quant_k":
+        torch.ops.nunchaku.w4a4_quantize_act_sm90(x[:, :100], smooth[:100], ld[:100], False, c[:, :100], s, la)
+    elif probe == "quant_rank":
+        torch.ops.nunchaku.w4a4_quantize_act_sm90(x, smooth, ld[:, :24].contiguous(), False, c, s, la)
+    print(f"probe {probe}: no error raised")
+except RuntimeError as e:
+    print(f"probe {probe}: RuntimeError: {str(e).splitlines()[0][:150]}")
+PY
+  echo "probe $probe rc=${PIPESTATUS[0]}" | tee -a "$OUT/smoke.log"
+done
+
+if [ "$RUN_TESTS" -eq 1 ]; then
+  # The argument-check test runs in its own process: a crash there must not hide the others.
+  timeout 300 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/gpu/test_w4a4_sm90.py -k "not rejects" 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_w4a4_sm90.py -k "rejects" 2>&1 | tee -a "$OUT/tests.log" | tail -3
+fi
+
+if [ "$RUN_NCU" -eq 1 ]; then
+  # Last launches of each kernel (after warm-up), full section set, as text.
+  timeout 240 ncu --target-processes all -k regex:"w4a4_gemm|quantize_act" --launch-skip 2 --launch-count 2 \
+    --set full --print-details all python3 benchmarks/gemm.py --profile 4608 3072 3072 > "$OUT/ncu.txt" 2>&1
+  grep -E "w4a4_gemm|quantize_act|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Shared Memory|L1/TEX Hit|Bank" "$OUT/ncu.txt" | head -60
+fi
+
+if [ "$RUN_BENCH" -eq 1 ]; then
+  timeout 400 python3 benchmarks/gemm.py "${BENCH_ARGS[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -E "^\||unavailable|Error|error"
+fi
+
+if [ "$RUN_ABLATE" -eq 1 ]; then
+  # GEMM time with parts of the work switched off (wrong results): what limits the kernel.
+  # The tree's build is timed first, the ablation builds replace nunchaku/_C*.so one after another.
+  { echo "== ablation: baseline"; timeout 120 python3 benchmarks/gemm.py --gemm-only; } 2>&1 | tee "$OUT/ablate.log"
+  for defs in "-DNUNCHAKU_ABLATE_UNPACK" "-DNUNCHAKU_ABLATE_PROMOTE" "-DNUNCHAKU_ABLATE_UNPACK -DNUNCHAKU_ABLATE_PROMOTE"; do
+    tag=$(echo "$defs" | tr -d ' -' )
+    NUNCHAKU_NVCC_DEFINES="$defs" NUNCHAKU_BUILD_DIR="build/_C_$tag" python3 benchmarks/build_ext.py > /dev/null 2>&1 || echo "build $defs failed"
+    { echo "== ablation: $defs"; timeout 120 python3 benchmarks/gemm.py --gemm-only; } 2>&1 | tee -a "$OUT/ablate.log"
+  done
+  python3 benchmarks/build_ext.py > /dev/null 2>&1
+fi

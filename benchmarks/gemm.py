@@ -1,0 +1,188 @@
+"""Benchmark of the sm_90a W4A4 linear against cuBLAS BF16 and torch FP8 rowwise.
+
+For each M and FLUX (K, N): median µs (triton.testing.do_bench, CUDA events) of
+  bf16      torch.matmul(x, w^T)                                  (cuBLAS)
+  fp8       torch._scaled_mm, e4m3 operands, rowwise fp32 scales   (cuBLASLt)
+  gemm      nunchaku w4a4_gemm_sm90 alone (codes + scales given)
+  quant     nunchaku w4a4_quantize_act_sm90 alone
+  fused     quantize + GEMM + rank-32 branch: the whole W4A4 layer
+Inputs rotate among several copies so that no operand of a timed call sits in L2 from the
+previous call. TOPS = 2*M*N*K / t. Prints a markdown table last.
+Usage: python benchmarks/gemm.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nunchaku.ops import sm90  # noqa: E402
+from nunchaku.ops.sm90_layout import pack_weights_sm90  # noqa: E402
+
+MS = [256, 1024, 4608]
+KNS = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]
+RANK = 32
+L2_BYTES = 50 * 2**20
+
+
+def bench(fn_of_set, n_sets: int) -> float:
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def call():
+        fn_of_set(state["i"] % n_sets)
+        state["i"] += 1
+
+    return do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def sets_for(bytes_per_set: int) -> int:
+    return max(2, min(16, -(-3 * L2_BYTES // bytes_per_set)))
+
+
+def run_shape(m: int, k: int, n: int) -> dict:
+    dev = "cuda"
+    dt = torch.bfloat16
+    res = {"M": m, "K": k, "N": n}
+    flops = 2 * m * n * k
+
+    # BF16 cuBLAS.
+    nb = sets_for(2 * (m * k + n * k + m * n))
+    xs = [torch.randn(m, k, device=dev, dtype=dt) for _ in range(nb)]
+    ws = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(nb)]
+    res["bf16_us"] = bench(lambda i: torch.matmul(xs[i], ws[i].t()), nb)
+    del ws
+
+    # FP8 rowwise (activation quantization not included: best case for FP8).
+    nf = sets_for(m * k + n * k + 2 * m * n)
+    xq = [torch.randn(m, k, device=dev).to(torch.float8_e4m3fn) for _ in range(nf)]
+    wq = [torch.randn(n, k, device=dev).to(torch.float8_e4m3fn) for _ in range(nf)]
+    sa = [torch.rand(m, 1, device=dev) + 0.5 for _ in range(nf)]
+    sb = [torch.rand(1, n, device=dev) + 0.5 for _ in range(nf)]
+    try:
+        res["fp8_us"] = bench(lambda i: torch._scaled_mm(xq[i], wq[i].t(), sa[i], sb[i], out_dtype=dt), nf)
+    except RuntimeError as exc:
+        print(f"fp8 rowwise unavailable: {exc}")
+        res["fp8_us"] = float("nan")
+    del xq, wq, sa, sb
+
+    # W4A4.
+    nw = sets_for(m * k * 3 + n * k // 2 + 2 * m * n)
+    layers = []
+    for _ in range(nw):
+        wcodes = torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8)
+        wscales = (torch.rand(n, k // 64, device=dev) * 0.02 + 0.001).to(dt)
+        wp, wsp = pack_weights_sm90(wcodes, wscales)
+        layers.append(
+            dict(
+                smooth=(torch.rand(k, device=dev) + 0.5).to(dt),
+                lora_down=(torch.randn(k, RANK, device=dev) / k**0.5).to(dt),
+                lora_up=(torch.randn(n, RANK, device=dev) * 0.1).to(dt),
+                bias=torch.randn(n, device=dev).to(dt),
+                wp=wp,
+                wsp=wsp,
+            )
+        )
+    xs = xs[:nw] + [torch.randn(m, k, device=dev, dtype=dt) for _ in range(max(0, nw - len(xs)))]
+    acts = [sm90.w4a4_quantize_act_sm90(xs[i], layers[i]["smooth"], layers[i]["lora_down"]) for i in range(nw)]
+
+    def gemm(i):
+        L = layers[i]
+        c, s, la = acts[i]
+        return sm90.w4a4_gemm_sm90(c, s, L["wp"], L["wsp"], la, L["lora_up"], L["bias"])
+
+    def quant(i):
+        return sm90.w4a4_quantize_act_sm90(xs[i], layers[i]["smooth"], layers[i]["lora_down"])
+
+    def fused(i):
+        L = layers[i]
+        return sm90.w4a4_linear_sm90(xs[i], L["smooth"], L["lora_down"], L["wp"], L["wsp"], L["lora_up"], L["bias"])
+
+    res["gemm_us"] = bench(gemm, nw)
+    res["quant_us"] = bench(quant, nw)
+    res["fused_us"] = bench(fused, nw)
+    for key in ("bf16", "fp8", "gemm", "fused"):
+        res[f"{key}_tops"] = flops / (res[f"{key}_us"] * 1e-6) / 1e12
+    res["fused_vs_bf16"] = res["bf16_us"] / res["fused_us"]
+    res["gemm_vs_bf16"] = res["bf16_us"] / res["gemm_us"]
+    return res
+
+
+def gemm_only(m: int, k: int, n: int) -> float:
+    dt = torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dt)
+    smooth = (torch.rand(k, device="cuda") + 0.5).to(dt)
+    lora_down = (torch.randn(k, RANK, device="cuda") / k**0.5).to(dt)
+    lora_up = (torch.randn(n, RANK, device="cuda") * 0.1).to(dt)
+    bias = torch.randn(n, device="cuda").to(dt)
+    wp, wsp = pack_weights_sm90(torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8),
+                                (torch.rand(n, k // 64, device="cuda") * 0.02 + 0.001).to(dt))
+    c, s, la = sm90.w4a4_quantize_act_sm90(x, smooth, lora_down)
+    return bench(lambda i: sm90.w4a4_gemm_sm90(c, s, wp, wsp, la, lora_up, bias), 1)
+
+
+def profile_once(m: int, k: int, n: int) -> None:
+    dt = torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dt)
+    smooth = (torch.rand(k, device="cuda") + 0.5).to(dt)
+    lora_down = (torch.randn(k, RANK, device="cuda") / k**0.5).to(dt)
+    lora_up = (torch.randn(n, RANK, device="cuda") * 0.1).to(dt)
+    bias = torch.randn(n, device="cuda").to(dt)
+    wp, wsp = pack_weights_sm90(torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8),
+                                (torch.rand(n, k // 64, device="cuda") * 0.02 + 0.001).to(dt))
+    for _ in range(3):
+        sm90.w4a4_linear_sm90(x, smooth, lora_down, wp, wsp, lora_up, bias)
+    torch.cuda.synchronize()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="M = 4608 only")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--gemm-only", action="store_true",
+                    help="time only our GEMM at M = 4608 (for ablation builds, whose results are wrong)")
+    ap.add_argument("--profile", type=int, nargs=3, metavar=("M", "K", "N"), default=None,
+                    help="run quantize + GEMM of one shape a few times (for ncu) and exit")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 1
+    if args.profile:
+        profile_once(*args.profile)
+        return 0
+    if args.gemm_only:
+        for k, n in KNS:
+            us = gemm_only(4608, k, n)
+            print(f"gemm-only M=4608 K={k} N={n}: {us:.1f} us, {2 * 4608 * n * k / us / 1e6:.0f} TOPS", flush=True)
+        return 0
+    print(torch.cuda.get_device_name(), torch.__version__)
+    rows = []
+    for m in [4608] if args.quick else MS:
+        for k, n in KNS:
+            r = run_shape(m, k, n)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print()
+    print("| M | K | N | bf16 µs | fp8 µs | w4a4 gemm µs | quant µs | fused µs | bf16 TOPS | fp8 TOPS | gemm TOPS | fused TOPS | fused/bf16 | gemm/bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['M']} | {r['K']} | {r['N']} | {r['bf16_us']:.1f} | {r['fp8_us']:.1f} | {r['gemm_us']:.1f} | "
+            f"{r['quant_us']:.1f} | {r['fused_us']:.1f} | {r['bf16_tops']:.0f} | {r['fp8_tops']:.0f} | "
+            f"{r['gemm_tops']:.0f} | {r['fused_tops']:.0f} | {r['fused_vs_bf16']:.2f}x | {r['gemm_vs_bf16']:.2f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+// Tile shape, pipeline depth and shared-memory plan of the sm_90 W4A4 GEMM.
+#pragma once
+
+#include <cstdint>
+
+namespace nunchaku::w4a4::sm90 {
+
+// One CTA computes a 192 (tokens) x 128 (output channels) tile of y. Warpgroup 0 is the
+// producer (copies + int4 -> fp8 unpack), warpgroups 1..3 are consumers; each consumer owns
+// 64 tokens x 128 channels, i.e. one wgmma m64n128 accumulator (64 fp32 registers per thread)
+// plus one partial accumulator of the same size for the current 64-wide K group.
+// Three consumers instead of two: while one promotes, two can keep the tensor cores busy, and
+// the weight unpack of a stage is shared by 192 tokens instead of 128.
+constexpr int kConsumerWarpgroups = 3;
+constexpr int kBlockM = 64 * kConsumerWarpgroups;
+constexpr int kBlockN = 128;
+// K per pipeline stage: two quantization groups; 128 fp8 bytes is one 128-byte swizzle row.
+constexpr int kBlockK = 128;
+constexpr int kGroup = 64;
+constexpr int kStages = 4;
+constexpr int kProducerThreads = 128;
+constexpr int kThreads = kProducerThreads + 128 * kConsumerWarpgroups;
+// 128*40 + 384*152 <= 65536: the producer needs few registers, the consumers hold 2x64
+// accumulators plus scales and descriptors (no spills at 40/152; 32/160 spilled 44 bytes).
+constexpr uint32_t kProducerRegs = 40;
+constexpr uint32_t kConsumerRegs = 152;
+
+constexpr int kActTileBytes = kBlockM * kBlockK;        // fp8 codes, 128-byte swizzle
+constexpr int kWTileBytes = kBlockN * kBlockK;          // fp8 codes, 128-byte swizzle
+constexpr int kWPackedTileBytes = kBlockN * kBlockK / 2;  // int4, as stored in global memory
+
+struct alignas(1024) SharedStorage {
+  uint8_t act[kStages][kActTileBytes];
+  uint8_t w[kStages][kWTileBytes];
+  uint8_t w_packed[kStages][kWPackedTileBytes];
+  float wscale[kStages][kBlockK / kGroup][kBlockN];
+  float ascale[kStages][kBlockK / kGroup][kBlockM];
+  uint64_t full[kStages];    // producer -> consumers: act (TMA), scales (bulk), unpacked weights
+  uint64_t empty[kStages];   // consumers -> producer: stage may be overwritten
+  uint64_t packed[kStages];  // bulk copy of the packed weights landed (producer-internal)
+};
+
+constexpr int kSmemBytes = sizeof(SharedStorage);
+
+}  // namespace nunchaku::w4a4::sm90

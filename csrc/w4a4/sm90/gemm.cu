@@ -1,0 +1,163 @@
+// sm_90a W4A4 GEMM: y[M, N] = dequant(act_codes) . dequant(w)^T + lora_act . lora_up^T + bias.
+// Kernel = producer warpgroup + 2 consumer warpgroups (gemm_mainloop.cuh), fused epilogue
+// (epilogue.cuh). The host side checks arguments, builds the TMA descriptor and launches.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "../check.h"
+#include "../ops.h"
+#include "config.cuh"
+#include "epilogue.cuh"
+#include "gemm_mainloop.cuh"
+
+namespace nunchaku::w4a4::sm90 {
+namespace {
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads, 1)
+    w4a4_gemm_kernel(const __grid_constant__ CUtensorMap act_map, const MainloopParams mp, const EpilogueParams ep) {
+  // The kernel has no static shared memory, so the dynamic block starts at the base of the
+  // CTA's shared window (1024-byte aligned, as the 128-byte swizzle needs). Using smem_raw
+  // directly (no integer round-up) keeps the compiler aware that every access is shared
+  // memory: LDS/STS instead of generic LD/ST (measured: the round-up made them generic).
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  auto& sm = *reinterpret_cast<SharedStorage*>(smem_raw);
+
+  // Tiles along N vary fastest, so CTAs resident together share the activation tile in L2.
+  const int n0 = blockIdx.x * kBlockN;
+  const int m0 = blockIdx.y * kBlockM;
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(&sm.full[s], kProducerThreads + 1);
+      ptx::mbar_init(&sm.empty[s], kConsumerWarpgroups * 4);
+      ptx::mbar_init(&sm.packed[s], 1);
+    }
+    ptx::fence_barrier_init();
+    ptx::prefetch_tensormap(&act_map);
+  }
+  for (int i = threadIdx.x; i < kStages * 2 * kBlockM; i += kThreads) (&sm.ascale[0][0][0])[i] = 0.f;
+  __syncthreads();
+
+  if (wg == 0) {
+    ptx::setmaxnreg_dec<kProducerRegs>();
+    producer_loop(sm, &act_map, mp, m0, n0);
+  } else {
+    ptx::setmaxnreg_inc<kConsumerRegs>();
+    float acc[64];
+    consumer_mainloop(sm, mp, wg - 1, acc);
+    epilogue<kBf16>(ep, m0, n0, wg - 1, acc);
+  }
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    cudaDriverEntryPointQueryResult qres;
+    void* ptr = nullptr;
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &qres);
+    if (err == cudaSuccess && qres == cudaDriverEntryPointSuccess) fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  });
+  TORCH_CHECK(fn != nullptr, "w4a4_gemm_sm90: cuTensorMapEncodeTiled is not available from the CUDA driver");
+  return fn;
+}
+
+// act_codes [M, K] bytes, row pitch K: boxes of kBlockM tokens x 128 bytes, 128-byte swizzle (what
+// wgmma's K-major descriptor expects); rows past M and columns past K are zero-filled.
+CUtensorMap make_act_map(const at::Tensor& act_codes) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(act_codes.size(1)), static_cast<cuuint64_t>(act_codes.size(0))};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(act_codes.stride(0))};
+  const cuuint32_t box[2] = {kBlockK, kBlockM};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult res = get_encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, act_codes.data_ptr(), dims, strides,
+                                       box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, "w4a4_gemm_sm90: cuTensorMapEncodeTiled failed with error ", num(static_cast<int>(res)));
+  return map;
+}
+
+template <bool kBf16>
+void launch(const CUtensorMap& map, const MainloopParams& mp, const EpilogueParams& ep, int M, cudaStream_t stream) {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(w4a4_gemm_kernel<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  });
+  const dim3 grid(mp.N / kBlockN, (M + kBlockM - 1) / kBlockM);
+  w4a4_gemm_kernel<kBf16><<<grid, kThreads, kSmemBytes, stream>>>(map, mp, ep);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Device& dev, at::ScalarType dtype,
+                  std::initializer_list<int64_t> expected) {
+  constexpr const char* op = "w4a4_gemm_sm90";
+  TORCH_CHECK(t.device() == dev, op, ": ", name, " must be on ", dev.str(), ", got ", t.device().str());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(expected), op, ": ", name, " must have shape ", shape(expected), ", got ",
+              shape(t.sizes()));
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name, " must be 16-byte aligned");
+}
+
+}  // namespace
+}  // namespace nunchaku::w4a4::sm90
+
+namespace nunchaku::w4a4 {
+
+void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wcodes_packed,
+               const at::Tensor& wscales_packed, const at::Tensor& lora_act, const at::Tensor& lora_up,
+               const at::Tensor& bias, at::Tensor& out) {
+  using namespace sm90;
+  constexpr const char* op = "w4a4_gemm_sm90";
+  TORCH_CHECK(out.is_cuda(), op, ": out must be a CUDA tensor");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf, op,
+              ": out must be bfloat16 or float16, got ", out.scalar_type());
+  TORCH_CHECK(act_codes.dim() == 2, op, ": act_codes must be 2-D [M, K]");
+  TORCH_CHECK(wcodes_packed.dim() == 4, op, ": wcodes_packed must be 4-D [N/128, K_pad/128, 128, 64]");
+  TORCH_CHECK(lora_up.dim() == 2, op, ": lora_up must be 2-D [N, R]");
+  const int64_t M = act_codes.size(0), K = act_codes.size(1);
+  const int64_t N = wcodes_packed.size(0) * kBlockN;
+  const int64_t KT = wcodes_packed.size(1);
+  const int64_t R = lora_up.size(1);
+  TORCH_CHECK(K > 0 && K % 64 == 0, op, ": K = ", num(K), " must be a positive multiple of 64");
+  TORCH_CHECK(KT == (K + kBlockK - 1) / kBlockK, op, ": wcodes_packed has ", num(KT), " K tiles, act_codes has K = ",
+              num(K), " (expected ", num((K + kBlockK - 1) / kBlockK), ")");
+  TORCH_CHECK(R % 16 == 0 && R >= 16, op, ": rank R = ", num(R), " must be a positive multiple of 16");
+  const int64_t m_pad = (M + kBlockM - 1) / kBlockM * kBlockM;
+  const auto dev = out.device();
+  check_tensor(act_codes, "act_codes", dev, at::kByte, {M, K});
+  check_tensor(act_scales, "act_scales", dev, at::kFloat, {K / 64, m_pad});
+  check_tensor(wcodes_packed, "wcodes_packed", dev, at::kByte, {N / kBlockN, KT, kBlockN, kBlockK / 2});
+  check_tensor(wscales_packed, "wscales_packed", dev, at::kFloat, {2 * KT, N});
+  check_tensor(lora_act, "lora_act", dev, at::kFloat, {M, R});
+  check_tensor(lora_up, "lora_up", dev, out.scalar_type(), {N, R});
+  check_tensor(bias, "bias", dev, out.scalar_type(), {N});
+  check_tensor(out, "out", dev, out.scalar_type(), {M, N});
+  TORCH_CHECK(M <= INT32_MAX / 2 && N * K <= INT32_MAX * int64_t{8}, op, ": problem too large");
+  if (M == 0) return;
+
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const CUtensorMap map = make_act_map(act_codes);
+  const MainloopParams mp{wcodes_packed.data_ptr<uint8_t>(), wscales_packed.data_ptr<float>(),
+                          act_scales.data_ptr<float>(), static_cast<int>(N), static_cast<int>(K / 64),
+                          static_cast<int>(KT), static_cast<int>(m_pad)};
+  const EpilogueParams ep{lora_act.data_ptr<float>(), lora_up.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                          static_cast<int>(M), static_cast<int>(N), static_cast<int>(R)};
+  if (out.scalar_type() == at::kBFloat16)
+    launch<true>(map, mp, ep, static_cast<int>(M), stream);
+  else
+    launch<false>(map, mp, ep, static_cast<int>(M), stream);
+}
+
+}  // namespace nunchaku::w4a4

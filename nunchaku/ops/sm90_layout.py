@@ -1,0 +1,159 @@
+"""Tensor layouts of the Hopper (sm_90a) W4A4 kernels, the weight repacker, and pure-PyTorch
+references of the two sm_90 ops.
+
+Everything here is plain tensor code (runs on any device, no extension needed). The GPU tests
+compare ``torch.ops.nunchaku.w4a4_quantize_act_sm90`` / ``w4a4_gemm_sm90`` against
+:func:`reference_quantize_act_sm90` / :func:`reference_gemm_sm90`.
+
+Notation: ``M`` tokens, ``K`` input channels (``K % 64 == 0``), ``N`` output channels
+(``N % 128 == 0``), ``R`` low-rank rank (``R % 16 == 0``), ``G = K / 64`` quantization groups,
+``KT = ceil(K / 128)`` K tiles of the GEMM, ``M_pad = ceil(M / 192) * 192`` (192 = the
+GEMM's token tile, ``BLOCK_M``).
+
+Kernel-side tensors
+-------------------
+``act_codes``       uint8 [M, K], row-major: the bytes of float8_e4m3fn values (read them with
+                    ``.view(torch.float8_e4m3fn)``). 4-bit activation codes (signed -8..7 or
+                    unsigned 0..15), one per byte as e4m3 (every such integer is exact in e4m3),
+                    so the GEMM feeds them to the fp8 tensor cores through TMA unchanged. uint8
+                    and not float8 storage: torch.library.opcheck and other generic utilities
+                    have no float8 kernels.
+``act_scales``      float32 [G, M_pad], group-major (a 192-token tile of one group is 768
+                    contiguous bytes: one bulk copy). Columns ``M..M_pad-1`` hold 0.
+``lora_act``        float32 [M, R], row-major: ``x @ lora_down`` (raw x, no smoothing/shift).
+``wcodes_packed``   uint8 [N/128, KT, 128, 64]: for output-channel tile ``nt`` and K tile ``kt``
+                    one contiguous 8 KB block (one bulk copy); inside it row ``r`` (channel
+                    ``n = 128*nt + r``) holds 64 bytes = the 128 codes of channels
+                    ``k = 128*kt + 2*b + h``, byte ``b`` low nibble (h=0) / high nibble (h=1),
+                    each a two's-complement int4. K is zero-padded to ``KT * 128``.
+``wscales_packed``  float32 [2*KT, N], group-major (row ``g`` = scales of group ``g`` for all N;
+                    rows ``G..2*KT-1`` are 0).
+``lora_up``         [N, R] in the output dtype, row-major (the logical tensor, unchanged).
+``bias``            [N] in the output dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP = 64
+BLOCK_M = 192
+BLOCK_N = 128
+BLOCK_K = 128
+UNSIGNED_SHIFT = 0.171875
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def scale_rows_padded(m: int) -> int:
+    """M_pad: the token count the act_scales tensor is padded to (a multiple of BLOCK_M)."""
+    return _ceil_div(m, BLOCK_M) * BLOCK_M
+
+
+def pack_weights_sm90(wcodes: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repack logical W4A4 weights into the sm_90 kernel layout (done once, at load time).
+
+    Args:
+        wcodes: int8 [N, K], signed int4 codes in [-8, 7] (any integer dtype accepted).
+        wscales: [N, K/64] per (output channel, 64-wide input group) scale (any float dtype).
+
+    Returns:
+        ``(wcodes_packed, wscales_packed)``: uint8 [N/128, KT, 128, 64] and float32 [2*KT, N],
+        laid out as described in the module docstring.
+    """
+    if wcodes.dim() != 2:
+        raise ValueError(f"wcodes must be 2-D [N, K], got shape {tuple(wcodes.shape)}")
+    n, k = wcodes.shape
+    if n % BLOCK_N or k % GROUP:
+        raise ValueError(f"need N % {BLOCK_N} == 0 and K % {GROUP} == 0, got N={n}, K={k}")
+    g = k // GROUP
+    if tuple(wscales.shape) != (n, g):
+        raise ValueError(f"wscales must be [N, K/64] = [{n}, {g}], got {tuple(wscales.shape)}")
+    codes = wcodes.to(torch.int16)
+    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
+        raise ValueError("wcodes must lie in [-8, 7]")
+    kt = _ceil_div(k, BLOCK_K)
+    kp = kt * BLOCK_K
+    nib = torch.nn.functional.pad(codes, (0, kp - k)) & 0xF
+    nib = nib.view(n // BLOCK_N, BLOCK_N, kt, BLOCK_K // 2, 2)
+    packed = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8)
+    packed = packed.permute(0, 2, 1, 3).contiguous()
+    ws = torch.nn.functional.pad(wscales.to(torch.float32), (0, 2 * kt - g)).t().contiguous()
+    return packed, ws
+
+
+def unpack_weights_sm90(wcodes_packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of the code part of :func:`pack_weights_sm90`: int8 [N, K] codes in [-8, 7]."""
+    nt, kt, bn, half_bk = wcodes_packed.shape
+    p = wcodes_packed.to(torch.int16)
+    nib = torch.stack((p & 0xF, p >> 4), dim=-1)  # [nt, kt, 128, 64, 2]
+    nib = torch.where(nib >= 8, nib - 16, nib)
+    codes = nib.permute(0, 2, 1, 3, 4).reshape(nt * bn, kt * half_bk * 2)
+    return codes[:, :k].to(torch.int8)
+
+
+def reference_quantize_act_sm90(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, act_unsigned: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``nunchaku::w4a4_quantize_act_sm90``.
+
+    Args:
+        x: [M, K] bf16/fp16 (any strides).
+        smooth: [K], x's dtype; divides the activations.
+        lora_down: [K, R], x's dtype.
+        act_unsigned: quantize ``(x + 0.171875) / smooth`` to 0..15 (fc2 inputs) instead of
+            ``x / smooth`` to -8..7.
+
+    Returns:
+        ``(act_codes, act_scales, lora_act)``: uint8 [M, K] (e4m3 bytes), float32 [K/64, M_pad],
+        float32 [M, R]. Scales and codes follow the op's fp32 arithmetic exactly
+        (``ascale = max|v| / qmax`` with 0 -> 1, ``code = round_half_even(v / ascale)``
+        clamped); ``lora_act`` is computed in float64 and rounded to fp32.
+    """
+    m, k = x.shape
+    g = k // GROUP
+    qmax, qmin = (15.0, 0.0) if act_unsigned else (7.0, -8.0)
+    xf = x.to(torch.float32)
+    if act_unsigned:
+        xf = xf + UNSIGNED_SHIFT
+    v = (xf / smooth.to(torch.float32)).view(m, g, GROUP)
+    amax = v.abs().amax(dim=-1)
+    # Tensor / tensor: PyTorch computes tensor / python-scalar as a multiply by the reciprocal
+    # (1 ulp off the IEEE quotient the kernel computes).
+    scale = amax / torch.full_like(amax, qmax)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(v / scale[..., None]).clamp(qmin, qmax)
+    codes = q.view(m, k).to(torch.float8_e4m3fn).view(torch.uint8)
+    scales = torch.zeros(g, scale_rows_padded(m), dtype=torch.float32, device=x.device)
+    scales[:, :m] = scale.t()
+    lora_act = (x.to(torch.float64) @ lora_down.to(torch.float64)).to(torch.float32)
+    return codes, scales, lora_act
+
+
+def reference_gemm_sm90(
+    act_codes: torch.Tensor,
+    act_scales: torch.Tensor,
+    wcodes_packed: torch.Tensor,
+    wscales_packed: torch.Tensor,
+    lora_act: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor,
+    exact: bool = False,
+) -> torch.Tensor:
+    """Reference of ``nunchaku::w4a4_gemm_sm90``, computed in float64.
+
+    ``y[m, n] = sum_g ascale[g, m] * wscale[g, n] * sum_{k in g} qa[m, k] * qw[n, k]
+    + lora_act[m] . lora_up[n] + bias[n]``; returned rounded once to lora_up's dtype, or in
+    float64 when ``exact``.
+    """
+    m, k = act_codes.shape
+    g = k // GROUP
+    qa = act_codes.view(torch.float8_e4m3fn).to(torch.float64).view(m, g, GROUP)
+    a = (qa * act_scales[:, :m].t().to(torch.float64)[..., None]).view(m, k)
+    qw = unpack_weights_sm90(wcodes_packed, k).to(torch.float64)
+    n = qw.shape[0]
+    w = (qw.view(n, g, GROUP) * wscales_packed[:g].t().to(torch.float64)[..., None]).view(n, k)
+    y = a @ w.t() + lora_act.to(torch.float64) @ lora_up.to(torch.float64).t() + bias.to(torch.float64)
+    return y if exact else y.to(lora_up.dtype)

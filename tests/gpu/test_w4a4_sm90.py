@@ -1,0 +1,190 @@
+"""GPU tests of the sm_90a W4A4 ops against the references in nunchaku.ops.sm90_layout.
+
+Error measure: ||out - ref|| / ||ref|| with ref in float64. The kernel accumulates in fp32 and
+rounds once to the output dtype, so its error is essentially that one rounding: we require it
+to be within 10% (+1e-6) of the error of the float64 reference rounded to the same dtype, and
+under a fixed bound (bf16: 4e-3, fp16: 5e-4).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nunchaku.ops import sm90
+from nunchaku.ops.sm90_layout import (
+    pack_weights_sm90,
+    reference_gemm_sm90,
+    reference_quantize_act_sm90,
+    scale_rows_padded,
+)
+
+SKIP_REASON = "needs an sm_90 GPU and the nunchaku._C extension"
+FLUX_KN = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]
+BOUND = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
+
+
+@pytest.fixture(autouse=True)
+def _needs_sm90():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(SKIP_REASON)
+    if not sm90.extension_available():
+        pytest.skip(SKIP_REASON)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.to(torch.float64), ref.to(torch.float64)
+    return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+def make_layer(k: int, n: int, r: int, dtype: torch.dtype, gen: torch.Generator):
+    dev = "cuda"
+    wcodes = torch.randint(-8, 8, (n, k), generator=gen, device=dev, dtype=torch.int8)
+    wscales = (torch.rand(n, k // 64, generator=gen, device=dev) * 0.02 + 0.001).to(dtype)
+    smooth = (torch.rand(k, generator=gen, device=dev) + 0.5).to(dtype)
+    lora_down = (torch.randn(k, r, generator=gen, device=dev) / k**0.5).to(dtype)
+    lora_up = (torch.randn(n, r, generator=gen, device=dev) * 0.1).to(dtype)
+    bias = torch.randn(n, generator=gen, device=dev).to(dtype)
+    wp, wsp = pack_weights_sm90(wcodes, wscales)
+    return dict(smooth=smooth, lora_down=lora_down, lora_up=lora_up, bias=bias, wp=wp, wsp=wsp)
+
+
+def run_quantize(x, smooth, lora_down, act_unsigned):
+    """Call the op on poisoned outputs (NaN / 0xFF bytes) so unwritten elements show."""
+    m, k = x.shape
+    codes = torch.full((m, k), 0xFF, dtype=torch.uint8, device=x.device)  # e4m3 NaN
+    scales = torch.full((k // 64, scale_rows_padded(m)), float("nan"), device=x.device)
+    lora_act = torch.full((m, lora_down.shape[1]), float("nan"), device=x.device)
+    torch.ops.nunchaku.w4a4_quantize_act_sm90(x, smooth, lora_down, act_unsigned, codes, scales, lora_act)
+    return codes, scales, lora_act
+
+
+def run_gemm(codes, scales, wp, wsp, lora_act, lora_up, bias):
+    out = torch.full((codes.shape[0], lora_up.shape[0]), float("nan"), device=codes.device, dtype=lora_up.dtype)
+    torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, wp, wsp, lora_act, lora_up, bias, out)
+    return out
+
+
+def check_close(out, exact, dtype, what):
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (unwritten or NaN)"
+    err = rel_err(out, exact)
+    err_round = rel_err(exact.to(dtype), exact)
+    assert err <= 1.1 * err_round + 1e-6 and err <= BOUND[dtype], f"{what}: rel err {err:.3e} (rounding {err_round:.3e})"
+    return err
+
+
+@pytest.mark.parametrize("act_unsigned", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 64), (3, 192), (257, 3072), (4608, 3072), (130, 12288)])
+def test_quantize_matches_reference(m, k, dtype, act_unsigned):
+    gen = torch.Generator(device="cuda").manual_seed(m * 7 + k)
+    x = (torch.randn(m, k, generator=gen, device="cuda") * 2).to(dtype)
+    layer = make_layer(k, 128, 32, dtype, gen)
+    codes, scales, lora_act = run_quantize(x, layer["smooth"], layer["lora_down"], act_unsigned)
+    rc, rs, rl = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"], act_unsigned)
+    torch.testing.assert_close(scales, rs, rtol=0, atol=0)
+    mismatch = (codes != rc).sum().item()
+    assert mismatch == 0, f"{mismatch} of {codes.numel()} codes differ"
+    assert rel_err(lora_act, rl) < 1e-5
+
+
+def test_quantize_noncontiguous_x_and_rank64():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    base = torch.randn(300, 2 * 3072 + 64, generator=gen, device="cuda").to(torch.bfloat16)
+    x = base[::2, 64 : 64 + 3072]  # row stride 2*(2*3072+64), offset start: not contiguous
+    assert not x.is_contiguous()
+    layer = make_layer(3072, 128, 64, torch.bfloat16, gen)
+    codes, scales, lora_act = sm90.w4a4_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    rc, rs, rl = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    assert torch.equal(codes, rc) and torch.equal(scales, rs)
+    assert rel_err(lora_act, rl) < 1e-5
+    xt = torch.randn(3072, 40, generator=gen, device="cuda").to(torch.bfloat16).t()  # stride(1) != 1
+    codes, scales, _ = sm90.w4a4_quantize_act_sm90(xt, layer["smooth"], layer["lora_down"])
+    rc, rs, _ = reference_quantize_act_sm90(xt, layer["smooth"], layer["lora_down"])
+    assert torch.equal(codes, rc) and torch.equal(scales, rs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 257, 4608])
+@pytest.mark.parametrize("k,n", FLUX_KN)
+def test_gemm_matches_reference(m, k, n, dtype):
+    if m == 4608 and (k, n) not in [(3072, 3072), (15360, 3072)]:
+        pytest.skip("large-M check limited to two shapes to keep the run short")
+    gen = torch.Generator(device="cuda").manual_seed(m + k + n)
+    layer = make_layer(k, n, 32, dtype, gen)
+    x = (torch.randn(m, k, generator=gen, device="cuda")).to(dtype)
+    codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
+    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], exact=True)
+    check_close(out, exact, dtype, f"gemm m={m} k={k} n={n} {dtype}")
+
+
+@pytest.mark.parametrize("act_unsigned", [False, True])
+@pytest.mark.parametrize("m,k,n", [(3, 64, 128), (129, 192, 256), (300, 320, 384), (1000, 3072, 3072)])
+def test_fused_layer_odd_k(m, k, n, act_unsigned):
+    """Quantize + GEMM end to end, K not a multiple of 128 included (odd group count)."""
+    gen = torch.Generator(device="cuda").manual_seed(m * k + n)
+    dtype = torch.bfloat16
+    layer = make_layer(k, n, 32, dtype, gen)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    out = sm90.w4a4_linear_sm90(x, layer["smooth"], layer["lora_down"], layer["wp"], layer["wsp"],
+                                layer["lora_up"], layer["bias"], act_unsigned)
+    codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"], act_unsigned)
+    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], exact=True)
+    check_close(out, exact, dtype, f"fused m={m} k={k} n={n} unsigned={act_unsigned}")
+
+
+def test_gemm_rejects_bad_arguments():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    layer = make_layer(256, 128, 32, torch.bfloat16, gen)
+    x = torch.randn(8, 256, generator=gen, device="cuda").to(torch.bfloat16)
+    codes, scales, lora_act = sm90.w4a4_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    out = torch.empty(8, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="wscales_packed"):
+        torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"][:2], lora_act,
+                                          layer["lora_up"], layer["bias"], out)
+    with pytest.raises(RuntimeError, match="lora_up"):
+        torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act,
+                                          layer["lora_up"].half(), layer["bias"], out)
+    with pytest.raises(RuntimeError, match="K = 100"):
+        torch.ops.nunchaku.w4a4_quantize_act_sm90(x[:, :100], layer["smooth"][:100], layer["lora_down"][:100], False,
+                                                  codes[:, :100], scales, lora_act)
+
+
+def test_opcheck():
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    layer = make_layer(192, 256, 32, torch.bfloat16, gen)
+    x = torch.randn(33, 192, generator=gen, device="cuda").to(torch.bfloat16)
+    codes, scales, lora_act = sm90.w4a4_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    torch.library.opcheck(
+        torch.ops.nunchaku.w4a4_quantize_act_sm90.default,
+        (x, layer["smooth"], layer["lora_down"], False, torch.empty_like(codes), torch.empty_like(scales),
+         torch.empty_like(lora_act)),
+    )
+    out = torch.empty(33, 256, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.nunchaku.w4a4_gemm_sm90.default,
+        (codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], out),
+    )
+
+
+def test_cuda_graph_capture():
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    layer = make_layer(3072, 3072, 32, torch.bfloat16, gen)
+    x = torch.randn(200, 3072, generator=gen, device="cuda").to(torch.bfloat16)
+    args = (layer["smooth"], layer["lora_down"], layer["wp"], layer["wsp"], layer["lora_up"], layer["bias"])
+    eager = sm90.w4a4_linear_sm90(x, *args)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sm90.w4a4_linear_sm90(x, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sm90.w4a4_linear_sm90(x, *args)
+    x.copy_(torch.randn(200, 3072, generator=gen, device="cuda").to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = sm90.w4a4_linear_sm90(x, *args)
+    assert torch.equal(captured, expect)
+    assert not torch.equal(captured, eager)
