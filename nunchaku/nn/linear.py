@@ -145,7 +145,7 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         sm_90 kernels or the reference; see nunchaku.ops.use_sm90_kernels). Called on every
         .to()/.cuda() and at creation."""
         want = WeightLayout.SM90 if ops.use_sm90_kernels(self.qweight.device, self.out_features,
-                                                         self.in_features) else WeightLayout.NIBBLES
+                                                         self.in_features, self.rank) else WeightLayout.NIBBLES
         if want is not self.weight_layout:
             self._set_layout(want)
         elif self.weight_layout is WeightLayout.SM90 and self.wscales.dtype != torch.float32:

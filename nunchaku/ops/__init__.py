@@ -37,8 +37,9 @@ def requested_backend() -> Backend:
         ) from None
 
 
-def sm90_kernel_problem(device: torch.device, n: int, k: int) -> str | None:
-    """Why the sm_90 W4A4 kernels cannot run a [N, K] layer on `device`, or None if they can."""
+def sm90_kernel_problem(device: torch.device, n: int, k: int, rank: int = 32) -> str | None:
+    """Why the sm_90 W4A4 kernels cannot run a [N, K] layer with a rank-`rank` low-rank branch
+    on `device`, or None if they can."""
     if device.type != "cuda":
         return f"the layer is on {device}, not a CUDA GPU"
     if torch.cuda.get_device_capability(device) != (9, 0):
@@ -47,6 +48,8 @@ def sm90_kernel_problem(device: torch.device, n: int, k: int) -> str | None:
                 "Hopper (sm_90); the Ampere/Ada INT4 path is not written yet")
     if n % 128 or k % 64:
         return f"the kernels need N % 128 == 0 and K % 64 == 0, the layer is N={n}, K={k}"
+    if rank < 16 or rank % 16:
+        return f"the kernels need a low-rank branch of rank 16, 32, 48, ..., the layer has rank {rank}"
     from . import sm90
 
     if not sm90.extension_available():
@@ -54,12 +57,12 @@ def sm90_kernel_problem(device: torch.device, n: int, k: int) -> str | None:
     return None
 
 
-def use_sm90_kernels(device: torch.device, n: int, k: int) -> bool:
+def use_sm90_kernels(device: torch.device, n: int, k: int, rank: int = 32) -> bool:
     """Whether a layer on `device` should run the sm_90 kernels, per NUNCHAKU_BACKEND."""
     backend = requested_backend()
     if backend is Backend.REFERENCE:
         return False
-    problem = sm90_kernel_problem(device, n, k)
+    problem = sm90_kernel_problem(device, n, k, rank)
     if backend is Backend.CUDA and problem is not None:
         raise RuntimeError(f"NUNCHAKU_BACKEND=cuda, but {problem}")
     return problem is None
