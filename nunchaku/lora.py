@@ -233,6 +233,9 @@ def load_lora(
         from .formats.safetensors_io import read_safetensors
 
         lora, _ = read_safetensors(Path(lora))
+    # One host-to-device copy of the file's tensors; every later step runs where the model is.
+    device = next(transformer.parameters()).device
+    lora = {k: v.to(device, non_blocking=True) for k, v in lora.items()}
     factors = parse_lora(lora, transformer.config)
 
     per_module: dict[str, list[tuple[_Placement, torch.Tensor, torch.Tensor]]] = {}
@@ -256,7 +259,7 @@ def load_lora(
                     f"LoRA for {module_name} is [N={up.shape[0]}, K={down.shape[0]}], the model expects "
                     f"[N={want_n}, K={k}] (is this a LoRA for another model?)"
                 )
-            full_up = torch.zeros(n, up.shape[1])
+            full_up = torch.zeros(n, up.shape[1], device=up.device)
             full_up[rows] = up
             downs.append(down)
             ups.append(full_up)

@@ -36,9 +36,10 @@ class LowRankAdapters:
                 f"adapter {name!r} is [K={down.shape[0]}, N={up.shape[0]}], the layer is "
                 f"[K={self.in_features}, N={self.out_features}]"
             )
-        ref = self.wscales
-        self.register_buffer(f"adapter_down_{name}", down.to(ref.device, ref.dtype), persistent=False)
-        self.register_buffer(f"adapter_up_{name}", up.to(ref.device, ref.dtype), persistent=False)
+        # The compute dtype, not the weight scales' (float32 in the sm_90 kernel layout).
+        dtype, device = self.compute_dtype, self.qweight.device
+        self.register_buffer(f"adapter_down_{name}", down.to(device, dtype), persistent=False)
+        self.register_buffer(f"adapter_up_{name}", up.to(device, dtype), persistent=False)
         if name not in self._adapter_names:
             self._adapter_names.append(name)
         self._adapter_strengths[name] = float(strength)
@@ -207,6 +208,10 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
             bias=self.bias, act_unsigned=self.act_unsigned, group_size=self.group_size,
         )
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.lora_up.dtype
+
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The branch the kernels run: the quantization's own rank-r part followed by every
         adapter (strength folded into up), zero-padded to a multiple of 16 ranks for the kernels."""
@@ -297,6 +302,10 @@ class AWQW4A16Linear(LowRankAdapters, nn.Module):
             self.wzeros.copy_(w.wzeros)
             if self.bias is not None:
                 self.bias.copy_(w.bias)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.wscales.dtype
 
     def to_weights(self) -> W4A16Weights:
         return W4A16Weights(
