@@ -70,7 +70,10 @@ setup(
     python_requires=">=3.10",
     install_requires=[line.split("#")[0].strip() for line in open("requirements.txt")
                       if line.split("#")[0].strip()],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "app": ["gradio>=5,<7", "gputil>=1.4"],
+        "test": ["pytest>=8", "selenium>=4.20", "gradio>=5,<7"],
+    },
     package_data={"nunchaku": ["data/*.txt"]},
     entry_points={"console_scripts": ["nunchaku=nunchaku.cli:main"]},
     ext_modules=ext_modules,
