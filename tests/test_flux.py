@@ -268,3 +268,15 @@ def test_quantized_transformer_compiles_as_one_graph(saved):
             compiled = torch.compile(transformer, fullgraph=True, backend="aot_eager")(**inp)[0]
             torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     unload_lora(transformer, "compiled")
+
+
+def test_prompt_length_defaults_to_the_text_tokenizer_limit(saved):
+    """diffusers pads T5 prompts to 512 tokens; a model trained on shorter ones gets its own."""
+    root, _ = saved
+    pipe = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16)
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    pipe(PROMPTS[0], num_inference_steps=1, guidance_scale=0.0, height=64, width=64, output_type="latent")
+    handle.remove()
+    assert seen == [pipe.tokenizer_2.model_max_length] == [32]

@@ -92,7 +92,7 @@ def build_tiny_flux_pipeline(
     ))
     t5 = T5EncoderModel(T5Config(
         vocab_size=n_vocab, d_model=c.joint_attention_dim, d_kv=16, d_ff=2 * c.joint_attention_dim,
-        num_layers=2, num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=3,
+        num_layers=2, num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=3, dropout_rate=0.0,
         decoder_start_token_id=0,
     ))
     blocks = len(c.vae_block_out_channels)

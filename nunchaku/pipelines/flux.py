@@ -44,6 +44,13 @@ class NunchakuFluxPipeline(FluxPipeline):
                 raise ValueError("prompt is empty: give a text prompt (or prompt_embeds)")
         return super().check_inputs(prompt, prompt_2, height, width, *args, prompt_embeds=prompt_embeds, **kwargs)
 
+    def __call__(self, *args, max_sequence_length: int | None = None, **kwargs):
+        # diffusers pads T5 prompts to 512 tokens; a model whose tokenizer is shorter (the tiny and
+        # demo models) never saw that many, so default to what the tokenizer holds.
+        if max_sequence_length is None:
+            max_sequence_length = min(512, getattr(self.tokenizer_2, "model_max_length", 512))
+        return super().__call__(*args, max_sequence_length=max_sequence_length, **kwargs)
+
     # diffusers' LoRA API; on a quantized transformer the LoRA becomes extra low-rank ranks
     # (nunchaku.lora), on a BF16 one diffusers' own (PEFT) loading runs.
 
