@@ -12,18 +12,6 @@ from nunchaku.nn import SVDQW4A4Linear
 from nunchaku.nn.linear import WeightLayout
 from nunchaku.quant.svdquant import svdquant_decompose
 
-SKIP_REASON = "needs an sm_90 GPU (H100/H200) and the built nunchaku._C extension"
-
-
-@pytest.fixture(autouse=True)
-def _needs_sm90():
-    from nunchaku.ops import sm90
-
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip(SKIP_REASON)
-    if not sm90.extension_available():
-        pytest.skip(SKIP_REASON)
-
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -19,17 +19,8 @@ from nunchaku.ops.sm90_layout import (
     scale_rows_padded,
 )
 
-SKIP_REASON = "needs an sm_90 GPU and the nunchaku._C extension"
 FLUX_KN = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]
 BOUND = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
-
-
-@pytest.fixture(autouse=True)
-def _needs_sm90():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip(SKIP_REASON)
-    if not sm90.extension_available():
-        pytest.skip(SKIP_REASON)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
