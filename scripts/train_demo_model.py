@@ -186,6 +186,10 @@ class Trainer:
         self.pipe = build_tiny_flux_pipeline(self.config, VOCABULARY, seed=recipe.seed)
         self.pipe.to(device)
         self.amp = device.type == "cuda"
+        if device.type == "cuda":
+            # The cuDNN SDPA backend's backward fails on this model on the H100 (torch 2.11:
+            # "mha_graph.execute(...).is_good()" at the first flow step); flash/efficient train it.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.phase, self.step = "vae", 0
         self.flow_total = recipe.flow_steps
         self.flow_total_fixed = recipe.budget_minutes is None
