@@ -115,7 +115,8 @@ def run_shape(m: int, k: int, n: int) -> dict:
     return res
 
 
-def gemm_only(m: int, k: int, n: int) -> float:
+def random_layer(m: int, k: int, n: int):
+    """x and one random rank-RANK W4A4 layer (kernel layout), bf16, on the GPU."""
     dt = torch.bfloat16
     x = torch.randn(m, k, device="cuda", dtype=dt)
     smooth = (torch.rand(k, device="cuda") + 0.5).to(dt)
@@ -124,19 +125,17 @@ def gemm_only(m: int, k: int, n: int) -> float:
     bias = torch.randn(n, device="cuda").to(dt)
     wp, wsp = pack_weights_sm90(torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8),
                                 (torch.rand(n, k // 64, device="cuda") * 0.02 + 0.001).to(dt))
+    return x, smooth, lora_down, lora_up, bias, wp, wsp
+
+
+def gemm_only(m: int, k: int, n: int) -> float:
+    x, smooth, lora_down, lora_up, bias, wp, wsp = random_layer(m, k, n)
     c, s, la = sm90.w4a4_quantize_act_sm90(x, smooth, lora_down)
     return bench(lambda i: sm90.w4a4_gemm_sm90(c, s, wp, wsp, la, lora_up, bias), 1)
 
 
 def profile_once(m: int, k: int, n: int) -> None:
-    dt = torch.bfloat16
-    x = torch.randn(m, k, device="cuda", dtype=dt)
-    smooth = (torch.rand(k, device="cuda") + 0.5).to(dt)
-    lora_down = (torch.randn(k, RANK, device="cuda") / k**0.5).to(dt)
-    lora_up = (torch.randn(n, RANK, device="cuda") * 0.1).to(dt)
-    bias = torch.randn(n, device="cuda").to(dt)
-    wp, wsp = pack_weights_sm90(torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8),
-                                (torch.rand(n, k // 64, device="cuda") * 0.02 + 0.001).to(dt))
+    x, smooth, lora_down, lora_up, bias, wp, wsp = random_layer(m, k, n)
     for _ in range(3):
         sm90.w4a4_linear_sm90(x, smooth, lora_down, wp, wsp, lora_up, bias)
     torch.cuda.synchronize()

@@ -71,6 +71,8 @@ _BFL_GLOBAL = {
     "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
 }
+# kohya writes the BFL module name with its dots as underscores
+_KOHYA_GLOBAL = {name.replace(".", "_"): name for name in _BFL_GLOBAL}
 _KOHYA_BFL = re.compile(
     r"^(?:double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj|mlp_0|mlp_2|mod_lin)"
     r"|single_blocks_(\d+)_(linear1|linear2|modulation_lin)"
@@ -99,15 +101,7 @@ def _kohya_to_bfl(stem: str) -> str | None:
         return f"double_blocks.{m.group(1)}.{m.group(2)}_{part}"
     if m.group(4) is not None:
         return f"single_blocks.{m.group(4)}.{m.group(5).replace('modulation_lin', 'modulation.lin')}"
-    g = m.group(6)
-    for prefix in ("final_layer_adaLN_modulation_1", "final_layer_linear"):
-        if g == prefix:
-            return {"final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1",
-                    "final_layer_linear": "final_layer.linear"}[g]
-    for stem_prefix in ("time_in", "vector_in", "guidance_in"):
-        if g.startswith(stem_prefix + "_"):
-            return f"{stem_prefix}.{g[len(stem_prefix) + 1:]}"
-    return g
+    return _KOHYA_GLOBAL[m.group(6)]
 
 
 def _original_linear_names(config: Mapping) -> frozenset[str]:

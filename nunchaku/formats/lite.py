@@ -283,20 +283,14 @@ def _parse_config(cfg_path: Path) -> tuple[dict, QuantizationConfig, dict[str, i
                 file=cfg_path,
                 key="quantization_config.nunchaku.rank_overrides",
             )
-        stray_ranks = sorted(set(rank_overrides) - set(w4a4_targets))
-        if stray_ranks:
-            raise CheckpointError(
-                f"modules not among svdq_w4a4.targets: {stray_ranks}",
-                file=cfg_path,
-                key="quantization_config.nunchaku.rank_overrides",
-            )
-        stray = sorted(set(unsigned) - set(w4a4_targets))
-        if stray:
-            raise CheckpointError(
-                f"modules not among svdq_w4a4.targets: {stray}",
-                file=cfg_path,
-                key="quantization_config.nunchaku.unsigned_act_targets",
-            )
+        for field_name, names in (("unsigned_act_targets", unsigned), ("rank_overrides", rank_overrides)):
+            stray = sorted(set(names) - set(w4a4_targets))
+            if stray:
+                raise CheckpointError(
+                    f"modules not among svdq_w4a4.targets: {stray}",
+                    file=cfg_path,
+                    key=f"quantization_config.nunchaku.{field_name}",
+                )
     try:
         quant = QuantizationConfig(
             w4a4=W4A4Config(group_size=64, rank=rank, targets=tuple(w4a4_targets), unsigned_act_layers=tuple(unsigned)),

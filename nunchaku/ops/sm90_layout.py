@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import torch
 
+from ..config import GELU_SHIFT
+
 GROUP = 64
 BLOCK_M = 192
 BLOCK_N = 128
 BLOCK_K = 128
-UNSIGNED_SHIFT = 0.171875
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -117,7 +118,7 @@ def reference_quantize_act_sm90(
     qmax, qmin = (15.0, 0.0) if act_unsigned else (7.0, -8.0)
     xf = x.to(torch.float32)
     if act_unsigned:
-        xf = xf + UNSIGNED_SHIFT
+        xf = xf + GELU_SHIFT
     v = (xf / smooth.to(torch.float32)).view(m, g, GROUP)
     amax = v.abs().amax(dim=-1)
     # Tensor / tensor: PyTorch computes tensor / python-scalar as a multiply by the reciprocal
