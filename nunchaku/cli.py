@@ -69,19 +69,13 @@ def _quantize(args) -> int:
 
 
 def _convert(args) -> int:
-    from .formats import resolve_checkpoint
-    from .models.flux_loading import build_quantized_transformer, save_quantized_transformer
-    from .pipelines.flux import _base_transformer_dir, _is_blocks_only, _transformer_config
+    from .models.flux_loading import MissingBaseModelError, save_quantized_transformer
+    from .pipelines.flux import load_transformer
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    base_config = _transformer_config(args.base) if args.base else None
-    base_dir = None
-    if checkpoint.is_file() and _is_blocks_only(checkpoint):
-        if not args.base:
-            raise SystemExit("nunchaku: this v0.1 checkpoint holds the transformer blocks only; pass --base MODEL "
-                             "(the BF16 FLUX.1 it was made from) for the other layers")
-        base_dir = _base_transformer_dir(args.base)
-    transformer = build_quantized_transformer(checkpoint, base_transformer_dir=base_dir, base_config=base_config)
+    try:
+        transformer = load_transformer(args.base, args.checkpoint)
+    except MissingBaseModelError as e:
+        raise SystemExit(f"nunchaku: {e.detail}: pass --base MODEL (the BF16 FLUX.1 it was made from)") from None
     out = save_quantized_transformer(args.out, transformer)
     print(f"wrote {out}", file=sys.stderr)
     return 0

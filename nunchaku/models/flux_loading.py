@@ -23,6 +23,11 @@ from .flux import FluxLayoutError, apply_quantized_modules, to_nunchaku_layout
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
+
+class MissingBaseModelError(CheckpointError):
+    """The checkpoint needs the BF16 base model (for its config, or, in v0.1 files, which hold
+    the transformer blocks only, for the other layers) and none was given."""
+
 # official block-level layer name -> module path in the nunchaku layout (double blocks)
 _DOUBLE_LAYERS = {
     "qkv_proj": "attn.to_qkv",
@@ -208,14 +213,15 @@ def build_quantized_transformer(
     ckpt, w4a4, w4a16, plain, config = read_flux_checkpoint(checkpoint, base_config)
     config = config or base_config
     if config is None:
-        raise CheckpointError("the checkpoint carries no transformer config; pass the base model", file=checkpoint)
+        raise MissingBaseModelError("the checkpoint carries no transformer config; pass the base model",
+                                    file=checkpoint)
     config = {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
     with torch.device("meta"):
         transformer = FluxTransformer2DModel.from_config(config)
     to_nunchaku_layout(transformer)
     if isinstance(ckpt, OfficialCheckpoint) and ckpt.generation is Generation.V01:
         if base_transformer_dir is None:
-            raise CheckpointError(
+            raise MissingBaseModelError(
                 "a v0.1 checkpoint holds the transformer blocks only: the embedders and final layers come from "
                 "the BF16 base model, so pass its transformer folder (from_pretrained does this)", file=checkpoint)
         plain = {**_base_transformer_tensors(Path(base_transformer_dir), lambda k: not k.startswith(BLOCK_PREFIXES)),

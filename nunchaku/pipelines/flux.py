@@ -125,21 +125,25 @@ def _base_transformer_dir(model: str | os.PathLike, **hub_kwargs) -> Path:
 
 
 def load_transformer(
-    pretrained_model_name_or_path: str | os.PathLike,
+    pretrained_model_name_or_path: str | os.PathLike | None,
     qmodel_path: str | os.PathLike,
     torch_dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     **hub_kwargs,
 ) -> FluxTransformer2DModel:
-    """The 4-bit transformer alone, from a checkpoint (see the module docstring for paths)."""
+    """The 4-bit transformer alone, from a checkpoint (see the module docstring for paths).
+
+    The base model may be None for checkpoints that carry their own config; one that needs it
+    (no config, or a v0.1 file of transformer blocks only) then raises MissingBaseModelError."""
     checkpoint = resolve_checkpoint(qmodel_path)
     base_config = None
-    try:
-        base_config = _transformer_config(pretrained_model_name_or_path, **hub_kwargs)
-    except (OSError, ValueError, EnvironmentError):
-        base_config = None  # a checkpoint with its own config does not need it
+    if pretrained_model_name_or_path is not None:
+        try:
+            base_config = _transformer_config(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError, EnvironmentError):
+            base_config = None  # a checkpoint with its own config does not need it
     base_dir = None
-    if checkpoint.is_file() and _is_blocks_only(checkpoint):
+    if pretrained_model_name_or_path is not None and checkpoint.is_file() and _is_blocks_only(checkpoint):
         base_dir = _base_transformer_dir(pretrained_model_name_or_path, **hub_kwargs)
     return build_quantized_transformer(checkpoint, torch_dtype, device, base_dir, base_config)
 
