@@ -36,7 +36,6 @@ class LowRankAdapters:
                 f"adapter {name!r} is [K={down.shape[0]}, N={up.shape[0]}], the layer is "
                 f"[K={self.in_features}, N={self.out_features}]"
             )
-        # The compute dtype, not the weight scales' (float32 in the sm_90 kernel layout).
         dtype, device = self.compute_dtype, self.qweight.device
         self.register_buffer(f"adapter_down_{name}", down.to(device, dtype), persistent=False)
         self.register_buffer(f"adapter_up_{name}", up.to(device, dtype), persistent=False)
@@ -149,8 +148,6 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
                                                          self.in_features, self.rank) else WeightLayout.NIBBLES
         if want is not self.weight_layout:
             self._set_layout(want)
-        elif self.weight_layout is WeightLayout.SM90 and self.wscales.dtype != torch.float32:
-            self.wscales = self.wscales.float()  # a float cast of the module must not change the kernel's layout
 
     def _set_layout(self, layout: WeightLayout) -> None:
         from ..ops.sm90_layout import pack_weights_sm90

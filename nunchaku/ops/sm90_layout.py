@@ -26,8 +26,9 @@ Kernel-side tensors
                     ``n = 128*nt + r``) holds 64 bytes = the 128 codes of channels
                     ``k = 128*kt + 2*b + h``, byte ``b`` low nibble (h=0) / high nibble (h=1),
                     each a two's-complement int4. K is zero-padded to ``KT * 128``.
-``wscales_packed``  float32 [2*KT, N], group-major (row ``g`` = scales of group ``g`` for all N;
-                    rows ``G..2*KT-1`` are 0).
+``wscales_packed``  [2*KT, N] in the output dtype (bf16 or fp16, the dtype the scales are exact
+                    in), group-major (row ``g`` = scales of group ``g`` for all N; rows
+                    ``G..2*KT-1`` are 0). The kernel widens them to fp32 in shared memory.
 ``lora_up``         [N, R] in the output dtype, row-major (the logical tensor, unchanged).
 ``bias``            [N] in the output dtype.
 """
@@ -58,11 +59,12 @@ def pack_weights_sm90(wcodes: torch.Tensor, wscales: torch.Tensor) -> tuple[torc
 
     Args:
         wcodes: int8 [N, K], signed int4 codes in [-8, 7] (any integer dtype accepted).
-        wscales: [N, K/64] per (output channel, 64-wide input group) scale (any float dtype).
+        wscales: [N, K/64] per (output channel, 64-wide input group) scale, bfloat16 or float16:
+            the layer's output dtype, which the kernel requires of them.
 
     Returns:
-        ``(wcodes_packed, wscales_packed)``: uint8 [N/128, KT, 128, 64] and float32 [2*KT, N],
-        laid out as described in the module docstring.
+        ``(wcodes_packed, wscales_packed)``: uint8 [N/128, KT, 128, 64] and [2*KT, N] in
+        wscales' dtype, laid out as described in the module docstring.
     """
     if wcodes.dim() != 2:
         raise ValueError(f"wcodes must be 2-D [N, K], got shape {tuple(wcodes.shape)}")
@@ -72,6 +74,8 @@ def pack_weights_sm90(wcodes: torch.Tensor, wscales: torch.Tensor) -> tuple[torc
     g = k // GROUP
     if tuple(wscales.shape) != (n, g):
         raise ValueError(f"wscales must be [N, K/64] = [{n}, {g}], got {tuple(wscales.shape)}")
+    if wscales.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"wscales must be bfloat16 or float16 (the layer's output dtype), got {wscales.dtype}")
     codes = wcodes.to(torch.int16)
     if codes.numel() and (codes.min() < -8 or codes.max() > 7):
         raise ValueError("wcodes must lie in [-8, 7]")
@@ -81,7 +85,7 @@ def pack_weights_sm90(wcodes: torch.Tensor, wscales: torch.Tensor) -> tuple[torc
     nib = nib.view(n // BLOCK_N, BLOCK_N, kt, BLOCK_K // 2, 2)
     packed = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8)
     packed = packed.permute(0, 2, 1, 3).contiguous()
-    ws = torch.nn.functional.pad(wscales.to(torch.float32), (0, 2 * kt - g)).t().contiguous()
+    ws = torch.nn.functional.pad(wscales, (0, 2 * kt - g)).t().contiguous()
     return packed, ws
 
 

@@ -28,16 +28,18 @@ constexpr uint32_t kConsumerRegs = 152;
 constexpr int kActTileBytes = kBlockM * kBlockK;        // fp8 codes, 128-byte swizzle
 constexpr int kWTileBytes = kBlockN * kBlockK;          // fp8 codes, 128-byte swizzle
 constexpr int kWPackedTileBytes = kBlockN * kBlockK / 2;  // int4, as stored in global memory
+constexpr int kWScaleRowBytes = kBlockN * 2;                // one group's 16-bit weight scales of a tile
 
 struct alignas(1024) SharedStorage {
   uint8_t act[kStages][kActTileBytes];
   uint8_t w[kStages][kWTileBytes];
   uint8_t w_packed[kStages][kWPackedTileBytes];
-  float wscale[kStages][kBlockK / kGroup][kBlockN];
+  uint16_t wscale_in[kStages][kBlockK / kGroup][kBlockN];  // bf16/fp16 as stored, lands with w_packed
+  float wscale[kStages][kBlockK / kGroup][kBlockN];        // fp32, written by the producer
   float ascale[kStages][kBlockK / kGroup][kBlockM];
   uint64_t full[kStages];    // producer -> consumers: act (TMA), scales (bulk), unpacked weights
   uint64_t empty[kStages];   // consumers -> producer: stage may be overwritten
-  uint64_t packed[kStages];  // bulk copy of the packed weights landed (producer-internal)
+  uint64_t packed[kStages];  // bulk copies of the packed weights and their scales landed (producer-internal)
 };
 
 constexpr int kSmemBytes = sizeof(SharedStorage);

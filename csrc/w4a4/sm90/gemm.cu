@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     ptx::setmaxnreg_dec<kProducerRegs>();
-    producer_loop(sm, &act_map, mp, m0, n0);
+    producer_loop<kBf16>(sm, &act_map, mp, m0, n0);
   } else {
     ptx::setmaxnreg_inc<kConsumerRegs>();
     float acc[64];
@@ -138,7 +138,7 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   check_tensor(act_codes, "act_codes", dev, at::kByte, {M, K});
   check_tensor(act_scales, "act_scales", dev, at::kFloat, {K / 64, m_pad});
   check_tensor(wcodes_packed, "wcodes_packed", dev, at::kByte, {N / kBlockN, KT, kBlockN, kBlockK / 2});
-  check_tensor(wscales_packed, "wscales_packed", dev, at::kFloat, {2 * KT, N});
+  check_tensor(wscales_packed, "wscales_packed", dev, out.scalar_type(), {2 * KT, N});
   check_tensor(lora_act, "lora_act", dev, at::kFloat, {M, R});
   check_tensor(lora_up, "lora_up", dev, out.scalar_type(), {N, R});
   check_tensor(bias, "bias", dev, out.scalar_type(), {N});
@@ -149,9 +149,10 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const CUtensorMap map = make_act_map(act_codes);
-  const MainloopParams mp{wcodes_packed.data_ptr<uint8_t>(), wscales_packed.data_ptr<float>(),
-                          act_scales.data_ptr<float>(), static_cast<int>(N), static_cast<int>(K / 64),
-                          static_cast<int>(KT), static_cast<int>(m_pad)};
+  const MainloopParams mp{wcodes_packed.data_ptr<uint8_t>(),
+                          static_cast<const uint16_t*>(wscales_packed.data_ptr()), act_scales.data_ptr<float>(),
+                          static_cast<int>(N), static_cast<int>(K / 64), static_cast<int>(KT),
+                          static_cast<int>(m_pad)};
   const EpilogueParams ep{lora_act.data_ptr<float>(), lora_up.data_ptr(), bias.data_ptr(), out.data_ptr(),
                           static_cast<int>(M), static_cast<int>(N), static_cast<int>(R)};
   if (out.scalar_type() == at::kBFloat16)

@@ -1,10 +1,12 @@
 // Mainloop of the sm_90 W4A4 GEMM: the producer warpgroup and the consumer MMA loop.
 //
 // Per K stage (128 channels = 2 quantization groups):
-//   producer: bulk-copies the 8 KB packed int4 weight tile (issued kStages-1 stages ahead into a
-//             ring that only the producer reads), TMA-loads the 16 KB fp8 activation tile
-//             (128-byte swizzle), bulk-copies the fp32 weight/activation scales of both groups,
-//             and unpacks int4 -> fp8 e4m3 into the swizzled layout wgmma reads.
+//   producer: bulk-copies the 8 KB packed int4 weight tile and its 16-bit weight scales (issued
+//             kStages-1 stages ahead into a ring that only the producer reads), TMA-loads the
+//             fp8 activation tile (128-byte swizzle), bulk-copies the fp32 activation scales of
+//             both groups, unpacks int4 -> fp8 e4m3 into the swizzled layout wgmma reads and
+//             widens the weight scales to fp32. Weight scales stay 16-bit in global memory (half
+//             the bytes of fp32; they are exact in the model's dtype) at 256 conversions a stage.
 //   consumer: per group, two wgmma m64n128k32 into a fresh partial accumulator, then the
 //             promotion acc += partial * (ascale[m] * wscale[n]) in fp32. The consumer
 //             warpgroups drift out of phase, so one's promotion overlaps the others' MMAs.
@@ -16,6 +18,7 @@
 
 #include <cuda.h>
 
+#include "../dtype.cuh"
 #include "../ptx.cuh"
 #include "config.cuh"
 
@@ -23,7 +26,7 @@ namespace nunchaku::w4a4::sm90 {
 
 struct MainloopParams {
   const uint8_t* w_packed;  // [N/128, KT, 128, 64] uint8, see nunchaku/ops/sm90_layout.py
-  const float* wscales;     // [2*KT, N] fp32 (zero rows past K/64)
+  const uint16_t* wscales;  // [2*KT, N] in the output dtype, bf16 or fp16 (zero rows past K/64)
   const float* ascales;     // [G, M_pad] fp32
   int N, G, KT, m_pad;
 };
@@ -49,17 +52,25 @@ __device__ __forceinline__ uint2 int4x8_to_e4m3x8(uint32_t w) {
   return make_uint2((p_lo & ~neg_lo) | (n_lo & neg_lo), (p_hi & ~neg_hi) | (n_hi & neg_hi));
 }
 
+// Thread 0: the packed weight tile kt and its two groups' 16-bit scales into ring slot s.
+__device__ __forceinline__ void load_packed(SharedStorage& sm, const MainloopParams& p, const uint8_t* w_src,
+                                            int n0, int kt, int s) {
+  ptx::mbar_arrive_expect_tx(&sm.packed[s], kWPackedTileBytes + 2 * kWScaleRowBytes);
+  ptx::bulk_g2s(sm.w_packed[s], w_src + static_cast<int64_t>(kt) * kWPackedTileBytes, kWPackedTileBytes,
+                &sm.packed[s]);
+  for (int g = 0; g < 2; ++g)
+    ptx::bulk_g2s(sm.wscale_in[s][g], p.wscales + static_cast<int64_t>(2 * kt + g) * p.N + n0, kWScaleRowBytes,
+                  &sm.packed[s]);
+}
+
+template <bool kBf16>
 __device__ __forceinline__ void producer_loop(SharedStorage& sm, const CUtensorMap* act_map,
                                               const MainloopParams& p, int m0, int n0) {
   const int t = threadIdx.x;  // 0..127
   const uint8_t* w_src = p.w_packed + static_cast<int64_t>(n0 / kBlockN) * p.KT * kWPackedTileBytes;
 
   if (t == 0) {
-    for (int kt = 0; kt < kStages - 1 && kt < p.KT; ++kt) {
-      ptx::mbar_arrive_expect_tx(&sm.packed[kt], kWPackedTileBytes);
-      ptx::bulk_g2s(sm.w_packed[kt], w_src + static_cast<int64_t>(kt) * kWPackedTileBytes, kWPackedTileBytes,
-                    &sm.packed[kt]);
-    }
+    for (int kt = 0; kt < kStages - 1 && kt < p.KT; ++kt) load_packed(sm, p, w_src, n0, kt, kt);
   }
 
   // Thread t unpacks 16 packed bytes (32 codes) of 4 rows: a warp reads 512 contiguous bytes per
@@ -73,12 +84,7 @@ __device__ __forceinline__ void producer_loop(SharedStorage& sm, const CUtensorM
 
     if (t == 0) {
       const int kn = kt + kStages - 1;
-      if (kn < p.KT) {
-        const int sn = kn % kStages;
-        ptx::mbar_arrive_expect_tx(&sm.packed[sn], kWPackedTileBytes);
-        ptx::bulk_g2s(sm.w_packed[sn], w_src + static_cast<int64_t>(kn) * kWPackedTileBytes, kWPackedTileBytes,
-                      &sm.packed[sn]);
-      }
+      if (kn < p.KT) load_packed(sm, p, w_src, n0, kn, kn % kStages);
     }
 
     ptx::mbar_wait(&sm.empty[s], phase ^ 1);
@@ -86,12 +92,9 @@ __device__ __forceinline__ void producer_loop(SharedStorage& sm, const CUtensorM
     if (t == 0) {
       const int g0 = 2 * kt;
       const bool g1_valid = g0 + 1 < p.G;
-      const uint32_t bytes = kActTileBytes + 2 * kBlockN * 4 + (1 + (g1_valid ? 1 : 0)) * kBlockM * 4;
+      const uint32_t bytes = kActTileBytes + (1 + (g1_valid ? 1 : 0)) * kBlockM * 4;
       ptx::mbar_arrive_expect_tx(&sm.full[s], bytes);
       ptx::tma_load_2d(sm.act[s], act_map, kt * kBlockK, m0, &sm.full[s]);
-      for (int g = 0; g < 2; ++g)
-        ptx::bulk_g2s(sm.wscale[s][g], p.wscales + static_cast<int64_t>(g0 + g) * p.N + n0, kBlockN * 4,
-                      &sm.full[s]);
       ptx::bulk_g2s(sm.ascale[s][0], p.ascales + static_cast<int64_t>(g0) * p.m_pad + m0, kBlockM * 4, &sm.full[s]);
       // An odd group count leaves the last stage's second group empty: its weights are zero
       // padding and its activation codes are TMA zero fill; the ascale slot keeps an older,
@@ -102,6 +105,12 @@ __device__ __forceinline__ void producer_loop(SharedStorage& sm, const CUtensorM
     }
 
     ptx::mbar_wait(&sm.packed[s], phase);
+    {
+      // Thread t widens scales 2*(t%64), 2*(t%64)+1 of group t/64 (one 4-byte read, one 8-byte write).
+      const int g = t / 64, n = 2 * (t % 64);
+      const uint32_t pair = *reinterpret_cast<const uint32_t*>(&sm.wscale_in[s][g][n]);
+      *reinterpret_cast<float2*>(&sm.wscale[s][g][n]) = Half2<kBf16>::to_float2(pair);
+    }
 #ifndef NUNCHAKU_ABLATE_UNPACK
 #pragma unroll
     for (int i = 0; i < kBlockN / 32; ++i) {
