@@ -72,7 +72,9 @@ setup(
                       if line.split("#")[0].strip()],
     extras_require={
         "app": ["gradio>=5,<7", "gputil>=1.4"],
-        "test": ["pytest>=8", "selenium>=4.20", "gradio>=5,<7"],
+        "eval": ["torchmetrics>=1.4"],
+        "bench": ["torchmetrics>=1.4", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "selenium>=4.20", "gradio>=5,<7", "torchmetrics>=1.4"],
     },
     package_data={"nunchaku": ["data/*.txt"]},
     entry_points={"console_scripts": ["nunchaku=nunchaku.cli:main"]},

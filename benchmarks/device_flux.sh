@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One device call for the FLUX.1 12B-shape step benchmark: install the carried wheels (diffusers,
+# torchao, ...), build nunchaku._C, run benchmarks/flux_step.py; log and JSON to $OUT.
+#   bash benchmarks/device_flux.sh [flux_step.py arguments]
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/nunchaku_out}
+mkdir -p "$OUT"
+export MAX_JOBS=16 PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/env.log"
+# A warm machine keeps the extension built by an earlier call (NUNCHAKU_REUSE_BUILD=1 reuses it).
+if [ "${NUNCHAKU_REUSE_BUILD:-0}" != 1 ] || ! ls nunchaku/_C*.so >/dev/null 2>&1; then
+  python3 benchmarks/build_ext.py > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+fi
+python3 benchmarks/flux_step.py --json "$OUT/flux_step.json" "$@" 2>&1 | grep -v "quantizing:" | tee "$OUT/flux_step.log"

@@ -1,0 +1,290 @@
+"""One FLUX.1 12B-shape transformer step on the GPU: BF16 vs torchao FP8 vs our SVDQuant INT4.
+
+    python benchmarks/flux_step.py                                  # batch 1, every variant that fits
+    python benchmarks/flux_step.py --variants bf16 int4 --batch 1 4 --json out.json
+
+Random weights (seeded), 1024x1024 (4096 image + 512 text tokens), schnell config (no guidance
+embedding). Variants, all in one process and one run:
+  bf16          diffusers eager            bf16-compile   + torch.compile
+  fp8           torchao FP8 rowwise dynamic (eager; fp8-compile adds torch.compile, ~8 min of
+                compile on an H100, so it is opt-in)
+  int4          ours: the quantizer calibrates on --calib-inputs random inputs and quantizes
+                every block (rank 32), then the engine runs (NUNCHAKU_BACKEND decides the path)
+  int4-compile  + torch.compile(fullgraph=True)
+Reported per variant and batch: median step time (CUDA-synchronized, after warm-up), weight
+memory (the transformer's parameters and buffers) and peak memory of a step; for int4 also the
+quantization time and peak memory, and the relative error ||y_q - y|| / ||y|| of every block's
+image-stream output and of the final output against the BF16 original on the same input.
+Ratios to bf16 eager of the same run are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FLUX_12B = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+                axes_dims_rope=(16, 56, 56))
+SMALL = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+             num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=False,
+             axes_dims_rope=(8, 12, 12))
+TOKENS = {"flux": (4096, 512), "small": (64, 16)}  # (image, text)
+VARIANTS = ("bf16", "bf16-compile", "fp8", "fp8-compile", "int4", "int4-compile")
+GIB = 2**30
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else float("nan")
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def build_bf16(seed: int, config: dict, device: str):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def step_inputs(batch: int, seed: int, config: dict, tokens: tuple[int, int], device: str) -> dict:
+    g = torch.Generator(device).manual_seed(seed)
+    dt, dev = torch.bfloat16, device
+    image_tokens, text_tokens = tokens
+    side = int(image_tokens ** 0.5)
+    ids = torch.zeros(side, side, 3, device=dev)
+    ids[..., 1] = torch.arange(side, device=dev)[:, None]
+    ids[..., 2] = torch.arange(side, device=dev)[None, :]
+    return dict(
+        hidden_states=torch.randn(batch, image_tokens, config["in_channels"], generator=g, device=dev, dtype=dt),
+        encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"], generator=g, device=dev,
+                                          dtype=dt),
+        pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=g, device=dev, dtype=dt),
+        timestep=torch.full((batch,), 0.75, device=dev, dtype=dt),
+        img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text_tokens, 3, device=dev), guidance=None,
+        return_dict=False,
+    )
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def time_step(model, inputs: dict, warmup: int, repeats: int, device: str) -> tuple[float, float]:
+    """(median ms, peak GiB during the timed steps)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(**inputs)
+        _sync(device)
+        _reset_peak(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**inputs)
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), _peak_gib(device)
+
+
+def block_outputs(model, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The image-stream output of every block, and the model output."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _args, out):
+        captured.append((out[-1] if isinstance(out, tuple) else out).float().cpu())
+
+    handles = [b.register_forward_hook(hook) for b in (*model.transformer_blocks, *model.single_transformer_blocks)]
+    try:
+        with torch.inference_mode():
+            out = model(**inputs)[0].float().cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def quantize_int4(model, calib_inputs: list[dict], args) -> dict:
+    from nunchaku.models.flux import quant_plan, quantize_transformer_in_place, to_nunchaku_layout
+    from nunchaku.quant.calibration import CalibrationCollector
+    from nunchaku.quant.quantizer import QuantizerOptions, quantize_model
+    from nunchaku.quant.svdquant import DecomposeOptions, SVDMethod
+
+    _sync(args.device)
+    _reset_peak(args.device)
+    start = time.perf_counter()
+    to_nunchaku_layout(model)
+    plan = quant_plan(model)
+    with CalibrationCollector(model, plan.calibration_targets(), max_samples=args.max_samples) as calib:
+        with torch.inference_mode():
+            for inputs in calib_inputs:
+                model(**inputs)
+    options = QuantizerOptions(decompose=DecomposeOptions(rank=32, svd_method=SVDMethod.RANDOMIZED),
+                               alphas=tuple(args.alphas), device=args.device)
+    result = quantize_model(model, plan, calib.stats(), options)
+    quantize_transformer_in_place(model, result)
+    del result
+    _sync(args.device)
+    return {"quantize_s": round(time.perf_counter() - start, 1),
+            "quantize_peak_gib": round(_peak_gib(args.device), 2),
+            "layers": len(plan.w4a4) + len(plan.w4a16)}
+
+
+def apply_fp8(model):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=["bf16", "bf16-compile", "fp8", "int4", "int4-compile"],
+                   choices=VARIANTS)
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--calib-inputs", type=int, default=2, help="random inputs the quantizer calibrates on")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="smoothing search grid")
+    p.add_argument("--max-samples", type=int, default=256)
+    p.add_argument("--layers", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
+                   help="fewer blocks than FLUX.1's 19 + 38 (a quick check)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="a tiny config and 64 + 16 tokens: a smoke check, on CPU too")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("flux_step.py measures GPU steps: no CUDA device here "
+                         "(--small --device cpu for a smoke check)")
+    config = dict(SMALL if args.small else FLUX_12B)
+    tokens = TOKENS["small" if args.small else "flux"]
+    if args.layers:
+        config.update(num_layers=args.layers[0], num_single_layers=args.layers[1])
+    from nunchaku.ops import sm90
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    report = {"device": device_name, "torch": torch.__version__, "config": config,
+              "kernels": "sm90 extension" if sm90.extension_available() else "reference (no nunchaku._C)",
+              "rows": [], "int4": {}}
+    inputs = {b: step_inputs(b, args.seed + b, config, tokens, args.device) for b in args.batch}
+
+    def record(variant: str, model, compile_s: float | None = None):
+        for b in args.batch:
+            ms, peak = time_step(model, inputs[b], args.warmup, args.repeats, args.device)
+            row = {"variant": variant, "batch": b, "step_ms": round(ms, 2),
+                   "weights_gib": round(weight_bytes(model) / GIB, 2), "peak_gib": round(peak, 2)}
+            if compile_s is not None:
+                row["compile_s"] = round(compile_s, 1)
+            report["rows"].append(row)
+            print(row, flush=True)
+
+    def compiled(model, variant: str, fullgraph: bool):
+        compiled_model = torch.compile(model, fullgraph=fullgraph)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            compiled_model(**inputs[args.batch[0]])
+        _sync(args.device)
+        record(variant, compiled_model, time.perf_counter() - start)
+
+    wanted = set(args.variants)
+    need_bf16 = wanted & {"bf16", "bf16-compile", "int4", "int4-compile"}
+    if need_bf16:
+        model = build_bf16(args.seed, config, args.device)
+        if "bf16" in wanted:
+            record("bf16", model)
+        if "bf16-compile" in wanted:
+            compiled(model, "bf16-compile", fullgraph=True)
+            torch._dynamo.reset()
+        if wanted & {"int4", "int4-compile"}:
+            b0 = args.batch[0]
+            reference_blocks, reference_out = block_outputs(model, inputs[b0])
+            calib = [step_inputs(1, 1000 + i, config, tokens, args.device) for i in range(args.calib_inputs)]
+            report["int4"].update(quantize_int4(model, calib, args))
+            del calib
+            blocks, out = block_outputs(model, inputs[b0])
+            report["int4"]["block_rel_err"] = [round(rel(q, r), 5) for q, r in zip(blocks, reference_blocks)]
+            report["int4"]["output_rel_err"] = round(rel(out, reference_out), 5)
+            del blocks, out, reference_blocks, reference_out
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            print({k: v for k, v in report["int4"].items() if k != "block_rel_err"}, flush=True)
+            if "int4" in wanted:
+                record("int4", model)
+            if "int4-compile" in wanted:
+                compiled(model, "int4-compile", fullgraph=True)
+                torch._dynamo.reset()
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if wanted & {"fp8", "fp8-compile"}:
+        try:
+            model = apply_fp8(build_bf16(args.seed, config, args.device))
+        except ImportError as e:
+            print(f"fp8: torchao is not installed ({e}); skipped", flush=True)
+            report["fp8_skipped"] = str(e)
+        else:
+            if "fp8" in wanted:
+                record("fp8", model)
+            if "fp8-compile" in wanted:
+                compiled(model, "fp8-compile", fullgraph=False)
+            del model
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def format_table(report: dict) -> str:
+    base = {r["batch"]: r["step_ms"] for r in report["rows"] if r["variant"] == "bf16"}
+    lines = [f"{report['device']}, torch {report['torch']}, kernels: {report['kernels']}",
+             "| variant | batch | step ms | vs bf16 eager | weights GiB | peak GiB | compile s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["rows"]:
+        ratio = f"{base[r['batch']] / r['step_ms']:.2f}x" if r["batch"] in base else "-"
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['step_ms']:.1f} | {ratio} | {r['weights_gib']:.2f} | "
+                     f"{r['peak_gib']:.2f} | {r.get('compile_s', '-')} |")
+    q = report.get("int4") or {}
+    if q:
+        errs = q.get("block_rel_err", [])
+        lines.append(f"int4: quantized {q['layers']} layers in {q['quantize_s']} s "
+                     f"(peak {q['quantize_peak_gib']} GiB); "
+                     f"output rel. err {q['output_rel_err']}; per block min/median/max "
+                     f"{min(errs):.4f}/{statistics.median(errs):.4f}/{max(errs):.4f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
