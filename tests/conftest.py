@@ -31,3 +31,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def browser():
+    """A fresh headless Chromium per test (tests/browser_helpers.py); the app fixture that comes
+    first in the test's arguments skips the test where no browser is installed."""
+    from browser_helpers import chromium
+
+    with chromium() as driver:
+        yield driver

@@ -47,3 +47,17 @@ def with_outlier_channels(pipe, channels=4, factor=20.0):
     return pipe
 
 
+
+
+def random_lora_file(transformer, path, rank: int, scale: float, prefix: str = "transformer_blocks", seed: int = 0):
+    """A random PEFT-format LoRA on the linears under `prefix`, saved to `path`."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, m in transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith(prefix):
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * scale
+            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * scale
+    save_file(lora, str(path))
+    return path

@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from flux_helpers import quantize_pipeline
+from flux_helpers import quantize_pipeline, random_lora_file
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
 
 from nunchaku.models.flux_loading import save_quantized_transformer
 from nunchaku.models.tiny import build_tiny_flux_pipeline
-from nunchaku.pipelines.sketch import SketchToImagePipeline, binarize_sketch
+from nunchaku.pipelines.sketch import SketchMode, SketchToImagePipeline, binarize_sketch
 
 
 def a_sketch(size=64):
@@ -23,13 +22,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("sketch")
     pipe = build_tiny_flux_pipeline(torch_dtype=torch.bfloat16)
     pipe.save_pretrained(root / "base")
-    g = torch.Generator().manual_seed(0)
-    lora = {}
-    for name, m in pipe.transformer.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.startswith("transformer_blocks"):
-            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(16, m.in_features, generator=g) * 0.05
-            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 16, generator=g) * 0.05
-    save_file(lora, str(root / "sketch_lora.safetensors"))
+    random_lora_file(pipe.transformer, root / "sketch_lora.safetensors", rank=16, scale=0.05)
     quantize_pipeline(pipe)
     save_quantized_transformer(root / "int4", pipe.transformer)
     return root
@@ -70,3 +63,25 @@ def test_bad_inputs(saved):
         pipe(Image.new("RGB", (60, 64), "white"), "a cat")
     with pytest.raises(ValueError, match=r"sketch_guidance must be in \[0, 1\]"):
         pipe(a_sketch(), "a cat", sketch_guidance=1.5)
+
+
+def test_without_a_sketch_lora_the_sketch_is_the_starting_image(saved):
+    pipe = SketchToImagePipeline.from_pretrained(saved / "base", None, torch_dtype=torch.bfloat16)
+    assert pipe.mode is SketchMode.SDEDIT
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    red = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(red).ellipse((12, 12, 52, 52), fill="red")
+    blue = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(blue).rectangle((8, 30, 40, 60), fill="blue")
+    kw = dict(num_inference_steps=4, true_cfg_scale=2.0)
+    a = np.asarray(pipe(red, "a red circle", sketch_guidance=0.7, generator=g(), **kw), dtype=np.float32)
+    a2 = np.asarray(pipe(red, "a red circle", sketch_guidance=0.7, generator=g(), **kw), dtype=np.float32)
+    b = np.asarray(pipe(blue, "a red circle", sketch_guidance=0.7, generator=g(), **kw), dtype=np.float32)
+    assert a.shape == (64, 64, 3) and np.array_equal(a, a2)
+    assert np.abs(a - b).mean() > 1.0  # the sketch shapes the result...
+    # ...and with no sketch guidance the start is pure noise: the sketch no longer matters at all
+    a0 = pipe(red, "a red circle", sketch_guidance=0.0, generator=g(), **kw)
+    b0 = pipe(blue, "a red circle", sketch_guidance=0.0, generator=g(), **kw)
+    assert np.array_equal(np.asarray(a0), np.asarray(b0))
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1"):
+        pipe(red, "a red circle", num_inference_steps=0)

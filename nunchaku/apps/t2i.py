@@ -6,14 +6,10 @@ from __future__ import annotations
 import gradio as gr
 
 from ..models.safety import screen_prompt
-from .common import MAX_SEED, ModelSpec, Precision, device_summary, random_seed, timed_generate, \
+from .common import ModelSpec, Precision, device_summary, random_seed, select_lora, timed_generate, \
     validate_generation_inputs
 
-EXAMPLES = [
-    "A cat holding a sign that says hello world",
-    "a red circle above a blue square on a yellow background",
-    "A watercolor painting of a quiet harbor town at dawn",
-]
+NO_LORA = "None"
 
 
 def _maybe_spaces_gpu(fn):
@@ -25,16 +21,21 @@ def _maybe_spaces_gpu(fn):
     return spaces.GPU(fn)
 
 
-def build_app(spec: ModelSpec, pipelines: dict, checker, device: str) -> gr.Blocks:
+def build_app(spec: ModelSpec, pipelines: dict, checker, device: str, checker_note: str = "") -> gr.Blocks:
+    """pipelines: {Precision: pipeline}; with spec.loras they must carry those LoRAs
+    (common.attach_loras)."""
     precisions = list(pipelines)
     demo_note = ""
     if spec.name == "demo":
         demo_note = ("\n\n**Offline demo model.** No FLUX.1 weights were found on this machine, so this is the "
-                     "embedded tiny model: it draws simple shapes, colors and positions, not photographs.")
+                     "embedded tiny model: it draws simple shapes, colors and positions, not photographs. "
+                     "Try the examples, or combine their words.")
 
-    def generate(prompt, seed, steps, guidance, size):
+    def generate(prompt, seed, steps, guidance, size, lora_choice=NO_LORA, lora_strength=1.0):
         try:
             validate_generation_inputs(spec, prompt, seed, steps, guidance, size, size)
+            if not 0.0 <= float(lora_strength) <= 2.0:
+                raise ValueError(f"LoRA strength must be between 0 and 2, got {lora_strength}.")
         except ValueError as e:
             raise gr.Error(str(e)) from None
         used, verdict = screen_prompt(prompt, checker)
@@ -44,7 +45,9 @@ def build_app(spec: ModelSpec, pipelines: dict, checker, device: str) -> gr.Bloc
                       f"replaced by: “{used}”.")
         outputs = []
         for p in precisions:
-            result = timed_generate(pipelines[p], used, seed, steps, guidance, size, size, device)
+            if spec.loras:
+                select_lora(pipelines[p], spec.loras, None if lora_choice == NO_LORA else lora_choice, lora_strength)
+            result = timed_generate(pipelines[p], spec, used, seed, steps, guidance, size, size, device)
             memory = "" if result.peak_memory_gib is None else f", peak GPU memory {result.peak_memory_gib:.2f} GiB"
             outputs += [result.image, f"{p.value.upper()}: {result.latency_s:.2f} s{memory}"]
         return [status, *outputs]
@@ -52,14 +55,16 @@ def build_app(spec: ModelSpec, pipelines: dict, checker, device: str) -> gr.Bloc
     with gr.Blocks(title=f"Nunchaku text-to-image ({spec.name})") as app:
         gr.Markdown(
             f"# Nunchaku: 4-bit FLUX text-to-image\n{spec.description}{demo_note}\n\n"
-            f"Running on: **{device_summary(device)}** · precision: {', '.join(p.value.upper() for p in precisions)}",
+            f"Running on: **{device_summary(device)}** · precision: {', '.join(p.value.upper() for p in precisions)}"
+            f"\n\n{checker_note}",
             elem_id="header",
         )
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", placeholder="Describe the image", scale=4, elem_id="prompt")
             run = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
         with gr.Row():
-            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+            # no minimum/maximum: generate checks the range and says what is wrong
+            seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
             reroll = gr.Button("Random seed", elem_id="random-seed")
             steps = gr.Slider(spec.steps_range[0], spec.steps_range[1], value=spec.steps, step=1, label="Steps",
                               elem_id="steps")
@@ -67,20 +72,28 @@ def build_app(spec: ModelSpec, pipelines: dict, checker, device: str) -> gr.Bloc
                                  value=spec.guidance, step=0.1, label="Guidance",
                                  interactive=spec.guidance_range[1] > spec.guidance_range[0], elem_id="guidance")
             size = gr.Slider(16, 2048, value=spec.size, step=16, label="Size (pixels)", elem_id="size")
+        lora_inputs = []
+        if spec.loras:
+            with gr.Row():
+                lora_inputs = [
+                    gr.Dropdown([NO_LORA, *spec.loras], value=NO_LORA, label="LoRA", elem_id="lora"),
+                    gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA strength", elem_id="lora-strength"),
+                ]
         status = gr.Markdown(elem_id="status")
         images, stats = [], []
         with gr.Row():
             for p in precisions:
                 with gr.Column():
-                    images.append(gr.Image(label=p.value.upper(), type="pil", format="png",
+                    images.append(gr.Image(label=p.value.upper(), type="pil", format="png", height=420,
                                            elem_id=f"image-{p.value}"))
                     stats.append(gr.Markdown(elem_id=f"stats-{p.value}"))
-        gr.Examples(EXAMPLES, inputs=[prompt])
+        gr.Examples(list(spec.examples), inputs=[prompt])
         outputs = [status]
         for image, stat in zip(images, stats):
             outputs += [image, stat]
-        run.click(_maybe_spaces_gpu(generate), inputs=[prompt, seed, steps, guidance, size], outputs=outputs)
-        prompt.submit(_maybe_spaces_gpu(generate), inputs=[prompt, seed, steps, guidance, size], outputs=outputs)
+        inputs = [prompt, seed, steps, guidance, size, *lora_inputs]
+        run.click(_maybe_spaces_gpu(generate), inputs=inputs, outputs=outputs)
+        prompt.submit(_maybe_spaces_gpu(generate), inputs=inputs, outputs=outputs)
         reroll.click(random_seed, outputs=seed)
     # One generation at a time: concurrent users wait in the queue instead of sharing the GPU.
     app.queue(default_concurrency_limit=1)

@@ -221,6 +221,49 @@ class ShieldGemmaChecker:
         return SafetyVerdict(unsafe, p_yes, f"ShieldGemma P(Yes) = {p_yes:.3f} {relation} threshold {self.threshold}")
 
 
+# A deliberately small list, for the offline fallback only: it catches the obvious requests for
+# sexual, violent or weapons content and nothing subtle. Matched as whole words, case-insensitive.
+DEFAULT_BLOCKLIST: tuple[str, ...] = (
+    "nude", "naked", "nsfw", "porn", "pornographic", "sex", "sexual", "explicit", "genitals", "topless",
+    "gore", "gory", "decapitated", "dismembered", "mutilated", "bloodbath", "corpse", "massacre", "torture",
+    "suicide", "self-harm", "bomb", "explosive", "explosives", "gun", "guns", "rifle", "grenade", "terrorist",
+    "kill", "killing", "murder", "behead", "beheading",
+)
+
+
+class KeywordChecker:
+    """Flags a prompt that contains a blocklisted word. Crude: the fallback where no classifier
+    model can be loaded (offline, or ShieldGemma's gated weights absent), so that screening never
+    silently turns off."""
+
+    def __init__(self, blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST):
+        import re
+
+        self.blocklist = tuple(w.lower() for w in blocklist)
+        self._pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in self.blocklist) + r")\b", re.IGNORECASE)
+
+    def check(self, prompt: str) -> SafetyVerdict:
+        validate_prompt(prompt)
+        hits = sorted({m.group(0).lower() for m in self._pattern.finditer(prompt)})
+        if hits:
+            return SafetyVerdict(True, 1.0, f"blocklisted word{'s' if len(hits) > 1 else ''}: {', '.join(hits)}")
+        return SafetyVerdict(False, 0.0, "no blocklisted word")
+
+
+def shieldgemma_available(model_id_or_path: str = DEFAULT_MODEL_ID) -> bool:
+    """Whether the checker's weights are on this machine (a local folder, or the Hub cache):
+    checked without a network call."""
+    import os
+
+    if os.path.isdir(model_id_or_path):
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(model_id_or_path, "config.json"), str)
+
+
 class NoOpChecker:
     """Passes every prompt (the apps' --no-safety-checker)."""
 

@@ -1,19 +1,27 @@
-"""Sketch-to-image in one step (pix2pix-turbo style) on FLUX.1-schnell with a sketch LoRA.
+"""Sketch-to-image, two ways (SketchMode):
 
-The sketch is binarized (dark strokes -> 1), mapped to [-1, 1] and VAE-encoded; its latent is
-mixed with Gaussian noise by the sketch guidance g (z = g·z_sketch + (1 − g)·noise); the
-transformer, with the sketch LoRA, is called once at t = 1 and predicts the flow velocity v;
-the image latent is z − v (the flow-matching step from t = 1 to 0), which the VAE decodes.
-g = 1 follows the sketch closely, g = 0 ignores it.
+ONE_STEP_LORA (FLUX.1-schnell with a sketch LoRA, pix2pix-turbo style): the sketch is binarized
+(dark strokes -> 1), mapped to [-1, 1] and VAE-encoded; its latent is mixed with Gaussian noise by
+the sketch guidance g (z = g·z_sketch + (1 − g)·noise); the transformer, with the sketch LoRA, is
+called once at t = 1 and predicts the flow velocity v; the image latent is z − v (the
+flow-matching step from t = 1 to 0), which the VAE decodes. g = 1 follows the sketch closely,
+g = 0 ignores it.
+
+SDEDIT (any text-to-image FLUX model without a sketch LoRA, e.g. the embedded demo model): the
+sketch, colors included, is the starting image of diffusers' FluxImg2ImgPipeline with strength
+1 − g: it is noised to t = 1 − g and denoised from there with the prompt, so the result keeps the
+sketch's layout and colors where g is high and redraws them where g is low. Several transformer
+calls instead of one.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxPipeline
 from PIL import Image
 
 from ..models.flux import to_nunchaku_layout
@@ -30,12 +38,27 @@ def binarize_sketch(sketch: Image.Image, threshold: float = 0.5) -> torch.Tensor
     return (strokes * 2 - 1)[None, None].expand(1, 3, *strokes.shape).contiguous()
 
 
-class SketchToImagePipeline:
-    """Wraps a FluxPipeline (whose transformer carries the sketch LoRA) for one-step generation."""
+class SketchMode(str, enum.Enum):
+    ONE_STEP_LORA = "one-step-lora"
+    SDEDIT = "sdedit"
 
-    def __init__(self, flux: FluxPipeline, threshold: float = 0.5):
+
+def sketch_on_white(sketch: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels (an empty sketchpad layer) white."""
+    if sketch.mode in ("RGBA", "LA", "P"):
+        background = Image.new("RGBA", sketch.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, sketch.convert("RGBA")).convert("RGB")
+    return sketch.convert("RGB")
+
+
+class SketchToImagePipeline:
+    """Wraps a FluxPipeline: one-step generation through its sketch LoRA, or SDEdit (see the module
+    docstring)."""
+
+    def __init__(self, flux: FluxPipeline, threshold: float = 0.5, mode: SketchMode = SketchMode.ONE_STEP_LORA):
         self.flux = flux
         self.threshold = threshold
+        self.mode = SketchMode(mode)
 
     @classmethod
     def from_pretrained(
@@ -54,9 +77,10 @@ class SketchToImagePipeline:
 
         pipe = nunchaku_flux.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype,
                                              qmodel_path=qmodel_path, qencoder_path=qencoder_path, **kwargs)
-        if lora_path is not None:
-            to_nunchaku_layout(pipe.transformer)  # a BF16 transformer gets the LoRA merged in 16 bits
-            lora_mod.load_lora(pipe.transformer, lora_path, "sketch", lora_strength)
+        if lora_path is None:
+            return cls(pipe, mode=SketchMode.SDEDIT)
+        to_nunchaku_layout(pipe.transformer)  # a BF16 transformer gets the LoRA merged in 16 bits
+        lora_mod.load_lora(pipe.transformer, lora_path, "sketch", lora_strength)
         return cls(pipe)
 
     def to(self, *args, **kwargs) -> SketchToImagePipeline:
@@ -70,8 +94,12 @@ class SketchToImagePipeline:
         prompt: str,
         sketch_guidance: float = 0.4,
         generator: torch.Generator | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
+        num_inference_steps: int = 20,
+        true_cfg_scale: float = 1.0,
     ) -> Image.Image:
+        """num_inference_steps and true_cfg_scale apply to SDEDIT (the one-step LoRA mode makes one
+        call and has no CFG); max_sequence_length defaults to what the T5 tokenizer holds."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt is empty: describe what the sketch should become")
         if not 0.0 <= sketch_guidance <= 1.0:
@@ -81,6 +109,11 @@ class SketchToImagePipeline:
         multiple = pipe.vae_scale_factor * 2
         if width % multiple or height % multiple:
             raise ValueError(f"sketch size must be a multiple of {multiple} pixels, got {width}x{height}")
+        if max_sequence_length is None:
+            max_sequence_length = min(256, getattr(pipe.tokenizer_2, "model_max_length", 256))
+        if self.mode is SketchMode.SDEDIT:
+            return self._sdedit(sketch, prompt, sketch_guidance, generator, max_sequence_length,
+                                num_inference_steps, true_cfg_scale)
         device = pipe._execution_device
         vae = pipe.vae
         x = binarize_sketch(sketch, self.threshold).to(device, vae.dtype)
@@ -108,3 +141,17 @@ class SketchToImagePipeline:
         latent = latent / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latent.to(vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+    def _sdedit(self, sketch: Image.Image, prompt: str, sketch_guidance: float, generator, max_sequence_length: int,
+                steps: int, true_cfg_scale: float) -> Image.Image:
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        img2img = FluxImg2ImgPipeline(**self.flux.components)
+        img2img.set_progress_bar_config(disable=True)
+        width, height = sketch.size
+        # At least one denoising step: strength below 1/steps would run none and return the sketch.
+        strength = max(1.0 - sketch_guidance, 1.0 / steps)
+        extra = {"true_cfg_scale": true_cfg_scale, "negative_prompt": ""} if true_cfg_scale > 1 else {}
+        return img2img(prompt=prompt, image=sketch_on_white(sketch), strength=strength, num_inference_steps=steps,
+                       guidance_scale=0.0, height=height, width=width, generator=generator,
+                       max_sequence_length=max_sequence_length, **extra).images[0]
