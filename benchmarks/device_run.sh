@@ -76,7 +76,7 @@ SMOKE_RC=$?
 if [ "$SMOKE_RC" -ne 0 ]; then echo "SMOKE FAILED rc=$SMOKE_RC"; exit 1; fi
 
 # Argument checks must raise RuntimeError, not crash: probe each in its own process.
-for probe in gemm_wscales gemm_dtype quant_k quant_rank; do
+for probe in gemm_wscales gemm_wscales_dtype gemm_dtype quant_k quant_rank; do
   timeout 60 python3 - "$probe" <<'PY' 2>&1 | tail -2 | tee -a "$OUT/smoke.log"
 import sys, torch
 from nunchaku.ops import sm90
@@ -86,13 +86,16 @@ probe = sys.argv[1]
 x = torch.randn(8, 256, device="cuda").bfloat16()
 smooth = torch.ones(256, device="cuda").bfloat16()
 ld = torch.randn(256, 32, device="cuda").bfloat16()
-wp, wsp = pack_weights_sm90(torch.zeros(128, 256, dtype=torch.int8, device="cuda"), torch.ones(128, 4, device="cuda"))
+wp, wsp = pack_weights_sm90(torch.zeros(128, 256, dtype=torch.int8, device="cuda"),
+                            torch.ones(128, 4, device="cuda", dtype=torch.bfloat16))
 c, s, la = sm90.w4a4_quantize_act_sm90(x, smooth, ld)
 lu = torch.randn(128, 32, device="cuda").bfloat16(); b = torch.zeros(128, device="cuda").bfloat16()
 out = torch.empty(8, 128, device="cuda").bfloat16()
 try:
     if probe == "gemm_wscales":
         torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp[:2], la, lu, b, out)
+    elif probe == "gemm_wscales_dtype":
+        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp.half(), la, lu, b, out)
     elif probe == "gemm_dtype":
         torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp, la, lu.half(), b, out)
     elif probe == "quant_k":

@@ -53,9 +53,8 @@ def w4a4_quantize_act_sm90(
     """
     _load_extension()
     # The kernel reads rows with 4-byte loads: it needs a unit inner stride and aligned rows.
-    # Alignment from the storage offset (the allocator aligns storages to far more than 4
-    # bytes), which torch.compile can trace, unlike data_ptr().
-    if x.stride(-1) != 1 or x.stride(0) % 2 or (x.storage_offset() * x.element_size()) % 4:
+    # torch.compile cannot trace data_ptr(); there the op's own check names a misaligned x.
+    if x.stride(-1) != 1 or x.stride(0) % 2 or (not torch.compiler.is_compiling() and x.data_ptr() % 4):
         x = x.contiguous()
     m, k = x.shape
     act_codes = torch.empty((m, k), dtype=torch.uint8, device=x.device)

@@ -63,3 +63,6 @@ def test_tiny_flux_transformer_runs_on_the_kernels(monkeypatch):
     inp = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in transformer_inputs(batch=2).items()}
     with torch.no_grad():
         assert rel(gpu(**inp)[0], ref(**inp)[0]) < 2e-2
+    with torch.no_grad():
+        compiled = torch.compile(gpu, fullgraph=True)(**inp)[0]  # the kernels' ops trace, no graph break
+        assert rel(compiled, gpu(**inp)[0]) < 1e-2

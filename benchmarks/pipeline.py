@@ -1,0 +1,168 @@
+"""FLUX.1-schnell end to end on the GPU: text encoders + 4 transformer steps + VAE decode, 1024x1024.
+
+    python benchmarks/pipeline.py                      # bf16, int4, int4 + W4A16 T5
+    python benchmarks/pipeline.py --variants int4 --steps 4 --json out.json
+
+Random weights at the real shapes (FLUX.1 12B transformer, T5-XXL encoder, CLIP-L text encoder,
+the FLUX VAE), word-level tokenizers (token ids do not change the cost), 512 T5 tokens. Variants:
+  bf16        everything in BF16 (diffusers eager)
+  int4        our SVDQuant INT4 transformer (quantized here by the quantizer), BF16 encoders
+  int4-qenc   the same with the W4A16 T5 encoder (nunchaku.models.text_encoders)
+Reported: median end-to-end latency over --repeats calls after --warmup, peak GPU memory of a
+call, and the weight memory of the transformer and the T5 encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flux_step import FLUX_12B, GIB, SMALL, build_bf16, quantize_int4, step_inputs, weight_bytes  # noqa: E402
+
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=3,
+              decoder_start_token_id=0)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False)
+WORDS = ("a", "cat", "holding", "sign", "that", "says", "hello", "world", "red", "circle", "in", "the", "park",
+         "at", "night", "photo", "of", "mountain", "lake", "sunset")
+PROMPT = "a photo of a cat holding a sign that says hello world in the park at night"
+VARIANTS = ("bf16", "int4", "int4-qenc")
+# --small: a smoke check of the script itself (CPU too), not a measurement
+SMALL_T5 = {**T5_XXL, "vocab_size": 64, "d_model": 128, "d_kv": 32, "d_ff": 128, "num_layers": 2, "num_heads": 4}
+SMALL_CLIP = {**CLIP_L, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "projection_dim": 32}
+SMALL_VAE = {**FLUX_VAE, "block_out_channels": (32, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8}
+
+
+def _on_device_bf16(factory, device: str):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return factory().eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_pipeline(seed: int, small: bool, device: str):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from nunchaku.models.tiny import make_word_tokenizer
+    from nunchaku.pipelines.flux import NunchakuFluxPipeline
+
+    transformer_config, t5_config, clip_config, vae_config = (
+        ({**SMALL, "in_channels": 64, "joint_attention_dim": 128}, SMALL_T5, SMALL_CLIP, SMALL_VAE) if small else (FLUX_12B, T5_XXL, CLIP_L, FLUX_VAE))
+    transformer = build_bf16(seed, transformer_config, device)
+    t5 = _on_device_bf16(lambda: T5EncoderModel(T5Config(**t5_config)), device)
+    clip = _on_device_bf16(lambda: CLIPTextModel(CLIPTextConfig(**clip_config)), device)
+    vae = _on_device_bf16(lambda: AutoencoderKL(**vae_config), device)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return NunchakuFluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, text_encoder_2=t5,
+                                transformer=transformer, tokenizer=make_word_tokenizer(WORDS, 77, add_bos=True),
+                                tokenizer_2=make_word_tokenizer(WORDS, 512, add_bos=False))
+
+
+def time_pipeline(pipe, args) -> tuple[float, float]:
+    from flux_step import _peak_gib, _reset_peak, _sync
+
+    def call():
+        pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=0.0,
+             max_sequence_length=512, generator=torch.Generator(args.device).manual_seed(0), output_type="pil")
+
+    for _ in range(args.warmup):
+        call()
+    _sync(args.device)
+    _reset_peak(args.device)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        call()
+        _sync(args.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), _peak_gib(args.device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.5], help="smoothing grid of the quick quantization")
+    p.add_argument("--max-samples", type=int, default=256)
+    p.add_argument("--calib-inputs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="tiny shapes: a smoke check of the script, CPU too")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("pipeline.py measures the GPU pipeline: no CUDA device here (--small --device cpu to "
+                         "smoke-test it)")
+    from nunchaku.ops import sm90
+
+    pipe = build_pipeline(args.seed, args.small, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU", "torch": torch.__version__, "steps": args.steps,
+              "size": args.size, "kernels": "sm90 extension" if sm90.extension_available() else "reference",
+              "rows": []}
+
+    def record(variant: str, extra: dict | None = None):
+        latency, peak = time_pipeline(pipe, args)
+        row = {"variant": variant, "latency_s": round(latency, 3), "peak_gib": round(peak, 2),
+               "transformer_gib": round(weight_bytes(pipe.transformer) / GIB, 2),
+               "t5_gib": round(weight_bytes(pipe.text_encoder_2) / GIB, 2), **(extra or {})}
+        report["rows"].append(row)
+        print(row, flush=True)
+
+    wanted = set(args.variants)
+    if "bf16" in wanted:
+        record("bf16")
+    if wanted & {"int4", "int4-qenc"}:
+        tokens = (args.size // 16) ** 2, 512
+        calib = [step_inputs(1, 1000 + i, dict(pipe.transformer.config), tokens, args.device)
+                 for i in range(args.calib_inputs)]
+        quant = quantize_int4(pipe.transformer, calib, args)
+        del calib
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if "int4" in wanted:
+            record("int4", {"quantize_s": quant["quantize_s"]})
+        if "int4-qenc" in wanted:
+            from nunchaku.models.text_encoders import quantize_t5_encoder
+
+            start = time.perf_counter()
+            quantize_t5_encoder(pipe.text_encoder_2, [PROMPT, "a mountain lake at sunset"], pipe.tokenizer_2,
+                                group_size=128, progress=False)
+            record("int4-qenc", {"t5_quantize_s": round(time.perf_counter() - start, 1)})
+    base = next((r["latency_s"] for r in report["rows"] if r["variant"] == "bf16"), None)
+    print(f"{report['device']}, {args.steps} steps, {args.size}x{args.size}, kernels: {report['kernels']}")
+    print("| variant | end to end s | vs bf16 | peak GiB | transformer GiB | T5 GiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in report["rows"]:
+        ratio = f"{base / r['latency_s']:.2f}x" if base else "-"
+        print(f"| {r['variant']} | {r['latency_s']:.3f} | {ratio} | {r['peak_gib']:.2f} | {r['transformer_gib']:.2f} | "
+              f"{r['t5_gib']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
