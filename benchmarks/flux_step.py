@@ -89,13 +89,25 @@ def step_inputs(batch: int, seed: int, config: dict, tokens: tuple[int, int], de
     )
 
 
+def _leaf_tensors(t: torch.Tensor):
+    """The plain tensors holding t's data: t itself, or for a tensor subclass (torchao's float8
+    weights) its inner tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _leaf_tensors(getattr(t, name))
+    else:
+        yield t
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
+        for leaf in _leaf_tensors(t):
+            key = leaf.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += leaf.untyped_storage().nbytes()
     return total
 
 
@@ -201,6 +213,10 @@ def main(argv=None) -> int:
               "rows": [], "int4": {}}
     inputs = {b: step_inputs(b, args.seed + b, config, tokens, args.device) for b in args.batch}
 
+    def save():
+        if args.json:  # after every row, so that a later failure keeps what was measured
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
     def record(variant: str, model, compile_s: float | None = None):
         for b in args.batch:
             ms, peak = time_step(model, inputs[b], args.warmup, args.repeats, args.device)
@@ -210,6 +226,7 @@ def main(argv=None) -> int:
                 row["compile_s"] = round(compile_s, 1)
             report["rows"].append(row)
             print(row, flush=True)
+            save()
 
     def compiled(model, variant: str, fullgraph: bool):
         compiled_model = torch.compile(model, fullgraph=fullgraph)
@@ -241,6 +258,7 @@ def main(argv=None) -> int:
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             print({k: v for k, v in report["int4"].items() if k != "block_rel_err"}, flush=True)
+            save()
             if "int4" in wanted:
                 record("int4", model)
             if "int4-compile" in wanted:
@@ -262,8 +280,7 @@ def main(argv=None) -> int:
                 compiled(model, "fp8-compile", fullgraph=False)
             del model
     print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    save()
     return 0
 
 

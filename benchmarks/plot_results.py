@@ -80,7 +80,7 @@ def plot_gemm(data: list[dict], out: Path) -> Path:
     series = {"FP8 rowwise": [r["bf16_us"] / r["fp8_us"] for r in rows],
               "W4A4 GEMM": [r["bf16_us"] / r["gemm_us"] for r in rows],
               "W4A4 fused layer": [r["bf16_us"] / r["fused_us"] for r in rows]}
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = plt.subplots(figsize=(10, 3.4))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(rows))], values, width, label=name)
@@ -89,7 +89,7 @@ def plot_gemm(data: list[dict], out: Path) -> Path:
     ax.set_xticks([x + width for x in range(len(rows))], labels)
     ax.set_ylabel("speed vs cuBLAS BF16")
     ax.set_title(f"GEMM on FLUX shapes (K x N), M = {rows[0]['M']} tokens")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = out / "gemm.png"
     fig.savefig(path, dpi=110)

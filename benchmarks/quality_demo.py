@@ -3,9 +3,12 @@
     python benchmarks/quality_demo.py                       # 200 held-out prompts, assets/demo
     python benchmarks/quality_demo.py --prompts 16 --json out.json
 
-Every variant draws the same held-out prompts with the same seeds. Reported per variant: PSNR and
-SSIM of its images against the BF16 images (torchmetrics, images in [0, 1], mean over images),
-and the faithfulness pass rate of `nunchaku.demo.checker` per prompt kind. The SVDQuant INT4 row
+Every variant draws the same held-out prompts with the same seeds. Reported per variant: the
+relative error of the transformer's one-step output (velocity) against BF16 on fixed noisy
+latents of the first --probe-prompts prompts at t = 0.25/0.5/0.75 (no sampling chaos: the
+quantization error alone), PSNR and SSIM of its images against the BF16 images (torchmetrics,
+images in [0, 1], mean over images; a few images that drift to another composition dominate
+these), and the faithfulness pass rate of `nunchaku.demo.checker` per prompt kind. The SVDQuant INT4 row
 uses the shipped checkpoint (MODEL/svdq-int4) when there is one, so the figure is that of what
 ships; the other variants are quantized here by `nunchaku.demo.variants` on training-split
 captions. A grid of the first prompts (one row per variant) is written next to the JSON.
@@ -63,6 +66,25 @@ def generate(pipe, prompts: list[str], sampling: DemoSampling, seed: int, batch:
     return images
 
 
+@torch.no_grad()
+def velocity_probe(pipe, prompts: list[str], sampling: DemoSampling, seed: int, device: str,
+                   timesteps: tuple[float, ...] = (0.25, 0.5, 0.75)) -> torch.Tensor:
+    """The transformer's output (the flow velocity) for each prompt at a few noise levels, from
+    fixed noisy latents: one step, so unlike the images it carries no sampling chaos and shows
+    the quantization error alone. float32 [len(prompts) * len(timesteps), tokens, channels]."""
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+    channels = pipe.transformer.config.in_channels // 4
+    latents, image_ids = pipe.prepare_latents(len(prompts), channels, sampling.size, sampling.size, embeds.dtype,
+                                              device, torch.Generator(device).manual_seed(seed))
+    outputs = []
+    for t in timesteps:
+        timestep = torch.full((len(prompts),), t, device=device, dtype=embeds.dtype)
+        outputs.append(pipe.transformer(hidden_states=latents, timestep=timestep, guidance=None,
+                                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                        img_ids=image_ids, return_dict=False)[0].float().cpu())
+    return torch.cat(outputs)
+
+
 def image_metrics(images: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -112,15 +134,19 @@ def run(args) -> dict:
     variants = [DemoVariant(v) for v in args.variants]
     if variants[0] is not DemoVariant.BF16:
         variants = [DemoVariant.BF16, *[v for v in variants if v is not DemoVariant.BF16]]
-    results, images = {}, {}
+    results, images, velocities = {}, {}, {}
+    probe_prompts = prompts[:args.probe_prompts]
     for variant in variants:
         t0 = time.perf_counter()
         pipe, origin = load_variant(model, variant, args, sampling, args.device)
         images[variant.value] = generate(pipe, prompts, sampling, args.seed, args.batch, args.device, variant.value)
+        velocities[variant.value] = velocity_probe(pipe, probe_prompts, sampling, args.seed, args.device)
         row = {"origin": origin, "seconds": round(time.perf_counter() - t0, 1),
                "pass_rate": faithfulness(prompts, images[variant.value])}
         if variant is not DemoVariant.BF16:
             row.update(image_metrics(images[variant.value], images["bf16"]))
+            ref = velocities["bf16"]
+            row["velocity_rel_err"] = float((velocities[variant.value] - ref).norm() / ref.norm())
         results[variant.value] = row
         print(f"{variant.value}: {row}", file=sys.stderr, flush=True)
         del pipe
@@ -136,13 +162,15 @@ def run(args) -> dict:
 
 def format_table(report: dict) -> str:
     kinds = sorted({k for r in report["results"].values() for k in r["pass_rate"] if k != "all"})
-    head = ["variant", "PSNR vs BF16 (dB)", "SSIM vs BF16", *[f"pass {k}" for k in kinds], "pass all"]
+    head = ["variant", "velocity rel. err", "PSNR vs BF16 (dB)", "SSIM vs BF16", *[f"pass {k}" for k in kinds],
+            "pass all"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, r in report["results"].items():
         psnr = f"{r['psnr_db']:.2f}" if "psnr_db" in r else "-"
         ssim = f"{r['ssim']:.4f}" if "ssim" in r else "-"
+        vel = f"{r['velocity_rel_err']:.4f}" if "velocity_rel_err" in r else "-"
         rates = [f"{100 * r['pass_rate'].get(k, float('nan')):.1f}%" for k in kinds]
-        lines.append("| " + " | ".join([name, psnr, ssim, *rates, f"{100 * r['pass_rate']['all']:.1f}%"]) + " |")
+        lines.append("| " + " | ".join([name, vel, psnr, ssim, *rates, f"{100 * r['pass_rate']['all']:.1f}%"]) + " |")
     return "\n".join(lines)
 
 
@@ -157,6 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help=f"sampling steps (default {DEMO_SAMPLING.steps})")
     p.add_argument("--cfg", type=float, help=f"true CFG scale, 1 = off (default {DEMO_SAMPLING.true_cfg_scale})")
     p.add_argument("--calib-prompts", type=int, default=64)
+    p.add_argument("--probe-prompts", type=int, default=32, help="prompts of the one-step velocity error")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--requantize", action="store_true", help="quantize SVDQuant INT4 here even if a checkpoint ships")
     p.add_argument("--batch", type=int, default=16)

@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a source checkout too
 
 from nunchaku.apps.common import (  # noqa: E402
+    APP_CSS,
     add_model_flags, add_safety_flags, add_server_flags, choose_model, load_pipelines, safety_checker_from_flags,
 )
 from nunchaku.apps.i2i import build_app  # noqa: E402
@@ -42,7 +43,7 @@ def main(argv=None):
         pipeline = SketchToImagePipeline(flux, mode=SketchMode.SDEDIT)
     checker, checker_note = safety_checker_from_flags(args)
     app = build_app(spec, pipeline, precision, checker, args.device, checker_note)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, css=APP_CSS)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a source checkout too
 
 from nunchaku.apps.common import (  # noqa: E402
+    APP_CSS,
     add_model_flags, add_safety_flags, add_server_flags, attach_loras, choose_model, load_pipelines,
     parse_lora_flags, safety_checker_from_flags,
 )
@@ -37,7 +38,7 @@ def main(argv=None):
         attach_loras(pipelines, spec.loras)
     checker, checker_note = safety_checker_from_flags(args)
     app = build_app(spec, pipelines, checker, args.device, checker_note)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, css=APP_CSS)
 
 
 if __name__ == "__main__":

@@ -339,6 +339,10 @@ def select_lora(pipe, loras: dict[str, str], chosen: str | None, strength: float
             lora_mod.set_lora_strength(pipe.transformer, adapter, target)
 
 
+# Small pictures (the demo model draws 128x128) fill their frame, with crisp pixels.
+APP_CSS = (".output-image img, #result img, [id^=image-] img "
+           "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}")
+
 # Prompt templates of the style menus; "{prompt}" is the user's text.
 PHOTO_STYLES: dict[str, str] = {
     "None": "{prompt}",
