@@ -127,6 +127,42 @@ def time_step(model, inputs: dict, warmup: int, repeats: int, device: str) -> tu
     return statistics.median(times), _peak_gib(device)
 
 
+KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins
+    ("W4A4 GEMM (ours)", ("w4a4_gemm",)),
+    ("W4A4 activation quantize (ours)", ("quantize_act",)),
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("16-bit GEMM (cuBLAS: W4A16 layers, embedders)", ("gemm", "nvjet", "xmma", "cutlass", "cublas")),
+)
+
+
+def profile_step(model, inputs: dict, steps: int = 3) -> dict:
+    """Where a step's GPU time goes: per category (KERNEL_CATEGORIES, the rest is elementwise
+    work: norms, RoPE, GELU, modulation, casts) and the top kernels, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                model(**inputs)
+            torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0)
+        if us > 0:
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + us / 1e3 / steps
+    categories: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        lowered = name.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)),
+                        "elementwise and other")
+        categories[category] = categories.get(category, 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+    return {"categories_ms": {k: round(v, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [(name[:90], round(ms, 2)) for name, ms in top]}
+
+
 def block_outputs(model, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The image-stream output of every block, and the model output."""
     captured: list[torch.Tensor] = []
@@ -194,6 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
                    help="fewer blocks than FLUX.1's 19 + 38 (a quick check)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="also profile one int4 step (where the time goes)")
     p.add_argument("--small", action="store_true", help="a tiny config and 64 + 16 tokens: a smoke check, on CPU too")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json")
@@ -242,6 +279,9 @@ def main(argv=None) -> int:
         model = build_bf16(args.seed, config, args.device)
         if "bf16" in wanted:
             record("bf16", model)
+            if args.profile and args.device.startswith("cuda"):
+                report["bf16_profile"] = profile_step(model, inputs[args.batch[0]])
+                print(json.dumps(report["bf16_profile"], indent=1), flush=True)
         if "bf16-compile" in wanted:
             compiled(model, "bf16-compile", fullgraph=True)
             torch._dynamo.reset()
@@ -261,6 +301,10 @@ def main(argv=None) -> int:
             save()
             if "int4" in wanted:
                 record("int4", model)
+            if args.profile and args.device.startswith("cuda"):
+                report["int4_profile"] = profile_step(model, inputs[b0])
+                print(json.dumps(report["int4_profile"], indent=1), flush=True)
+                save()
             if "int4-compile" in wanted:
                 compiled(model, "int4-compile", fullgraph=True)
                 torch._dynamo.reset()
