@@ -84,6 +84,17 @@ def w4a4_linear(
     return reference.w4a4_gemm(codes, scales, qweight_packed, wscales, lora_act, lora_up, bias, x.dtype, group_size)
 
 
+def use_triton_w4a16(x: torch.Tensor, group_size: int) -> bool:
+    """Whether a W4A16 call on x goes to the Triton GEMV (a few rows on a CUDA GPU with triton)
+    rather than the reference, per NUNCHAKU_BACKEND. There is no W4A16 GEMM kernel for many rows
+    yet, so those run the reference under every backend."""
+    if requested_backend() is Backend.REFERENCE:
+        return False
+    from .w4a16_triton import triton_problem
+
+    return triton_problem(x, group_size) is None
+
+
 def w4a16_linear(
     x: torch.Tensor,
     qweight_packed: torch.Tensor,
@@ -93,4 +104,8 @@ def w4a16_linear(
     group_size: int,
 ) -> torch.Tensor:
     """Weight-only 4-bit linear on x [M, K] -> [M, N] in x.dtype."""
+    if use_triton_w4a16(x, group_size):
+        from .w4a16_triton import w4a16_gemv
+
+        return w4a16_gemv(x, qweight_packed, wscales, wzeros, bias)
     return reference.w4a16_gemm(x, qweight_packed, wscales, wzeros, bias, group_size)

@@ -1,0 +1,100 @@
+"""W4A16 GEMV for a few rows (the AdaLN modulation linears: one row per image), in Triton.
+
+y[m, n] = sum_g ( s[n,g] * sum_{k in g} x[m,k] q[n,k]  +  z[n,g] * sum_{k in g} x[m,k] ) + b[n]
+
+which is x·Wᵀ + b with W = q·s + z (nunchaku.quant.int4, asymmetric uint4) without ever
+materializing W: the weights are read once, as packed nibbles (uint8 [N, K/2], byte b = codes
+2b (low) and 2b+1 (high)), and everything accumulates in fp32. The reference path dequantizes
+all of W on every call instead (on FLUX.1 12B: 3.2 B weights a step, ~40 ms of elementwise
+work). Registered as the torch op nunchaku::w4a16_gemv with a fake, so torch.compile treats it
+as one opaque call. Rows beyond MAX_ROWS go to the reference (a GEMM, not a GEMV, is needed there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_ROWS = 16
+GROUP = 64
+BLOCK_N = 64
+
+
+def triton_problem(x: torch.Tensor, group_size: int) -> str | None:
+    """Why the Triton GEMV cannot take this call, or None if it can."""
+    if not x.is_cuda:
+        return "x is not on a CUDA GPU"
+    if x.shape[0] > MAX_ROWS:
+        return f"{x.shape[0]} rows > {MAX_ROWS} (a GEMM, not a GEMV)"
+    if group_size != GROUP:
+        return f"group size {group_size} (the kernel is written for {GROUP})"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, stride_xm, stride_ym,
+                          HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1)
+        n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        n_ok = n < N
+        j = tl.arange(0, HALF)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for g in tl.range(0, G):
+            k0 = g * 2 * HALF
+            x_even = tl.load(x_ptr + m * stride_xm + k0 + 2 * j).to(tl.float32)
+            x_odd = tl.load(x_ptr + m * stride_xm + k0 + 2 * j + 1).to(tl.float32)
+            packed = tl.load(q_ptr + n[:, None] * (K // 2) + g * HALF + j[None, :], mask=n_ok[:, None], other=0)
+            lo = (packed & 0xF).to(tl.float32)
+            hi = (packed >> 4).to(tl.float32)
+            dot = tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1)
+            x_sum = tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0)
+            s = tl.load(s_ptr + n * G + g, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + n * G + g, mask=n_ok, other=0.0).to(tl.float32)
+            acc += s * dot + z * x_sum
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    return w4a16_gemv_kernel
+
+
+_KERNEL = None
+
+
+@torch.library.custom_op("nunchaku::w4a16_gemv", mutates_args=())
+def w4a16_gemv(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS) -> [M, N] in x.dtype; see the module docstring for the layout."""
+    global _KERNEL
+    m, k = x.shape
+    n = qweight_packed.shape[0]
+    g = wscales.shape[1]
+    if qweight_packed.shape != (n, k // 2) or wscales.shape != (n, k // GROUP) or wzeros.shape != wscales.shape:
+        raise ValueError(f"w4a16_gemv: expected qweight [N, K/2], scales and zeros [N, K/{GROUP}] for K={k}, got "
+                         f"{list(qweight_packed.shape)}, {list(wscales.shape)}, {list(wzeros.shape)}")
+    if _KERNEL is None:
+        _KERNEL = _kernel()
+    x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton_cdiv(n, BLOCK_N), m)
+    _KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
+                  bias if bias is not None else y, y, n, k, g, x.stride(0), y.stride(0),
+                  HAS_BIAS=bias is not None, HALF=GROUP // 2, BLOCK=BLOCK_N)
+    return y
+
+
+@w4a16_gemv.register_fake
+def _(x, qweight_packed, wscales, wzeros, bias):
+    return x.new_empty((x.shape[0], qweight_packed.shape[0]))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
