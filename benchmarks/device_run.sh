@@ -111,7 +111,7 @@ done
 
 if [ "$RUN_TESTS" -eq 1 ]; then
   # The argument-check test runs in its own process: a crash there must not hide the others.
-  timeout 300 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/gpu/test_w4a4_sm90.py -k "not rejects" 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout 400 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/gpu -k "not rejects" 2>&1 | tee "$OUT/tests.log" | tail -25
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_w4a4_sm90.py -k "rejects" 2>&1 | tee -a "$OUT/tests.log" | tail -3
 fi
 
