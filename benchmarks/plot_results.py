@@ -37,7 +37,7 @@ def plot_quality_demo(data: dict, out: Path) -> Path:
                     width, label=kind)
     axes[2].set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(names))], names)
     axes[2].set_title("faithfulness pass rate (%)")
-    axes[2].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="center right")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(f"Demo model, {data['prompts']} held-out prompts, {data['steps']} steps, "
