@@ -3,7 +3,7 @@
 # Logs go to $OUT (the device tool brings that folder back, also when a step fails).
 # Usage (repo root, on the GPU machine):
 #   bash benchmarks/device_run.sh [--quick] [--no-tests] [--no-bench] [--ncu]
-# Carry `.whl` (pytest wheels) if pytest is missing there.
+# Carry `.whl` (pytest, diffusers and their dependencies' wheels): they are installed first.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nunchaku_out}
@@ -31,9 +31,10 @@ done
   nvcc --version | tail -1
 } 2>&1 | tee "$OUT/env.log"
 
-if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+# The carried wheels (pytest, diffusers, ...): the FLUX GPU tests need diffusers, which the image lacks.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 
 python3 benchmarks/build_ext.py 2>&1 | tee "$OUT/build.log" | grep -E "error|warning|ptxas info|spill|built " | grep -v "Compile time" | tail -40
