@@ -11,6 +11,8 @@ embedding). Variants, all in one process and one run:
   int4          ours: the quantizer calibrates on --calib-inputs random inputs and quantizes
                 every block (rank 32), then the engine runs (NUNCHAKU_BACKEND decides the path)
   int4-compile  + torch.compile(fullgraph=True)
+  int4-offload  the low-memory mode: blocks in pinned CPU memory, streamed in one at a time
+                (nunchaku.offload.BlockOffloader); "weights" is then what stays on the GPU
 Reported per variant and batch: median step time (CUDA-synchronized, after warm-up), weight
 memory (the transformer's parameters and buffers) and peak memory of a step; for int4 also the
 quantization time and peak memory, and the relative error ||y_q - y|| / ||y|| of every block's
@@ -38,7 +40,7 @@ SMALL = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, at
              num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=False,
              axes_dims_rope=(8, 12, 12))
 TOKENS = {"flux": (4096, 512), "small": (64, 16)}  # (image, text)
-VARIANTS = ("bf16", "bf16-compile", "fp8", "fp8-compile", "int4", "int4-compile")
+VARIANTS = ("bf16", "bf16-compile", "fp8", "fp8-compile", "int4", "int4-compile", "int4-offload")
 GIB = 2**30
 
 
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
         record(variant, compiled_model, time.perf_counter() - start)
 
     wanted = set(args.variants)
-    need_bf16 = wanted & {"bf16", "bf16-compile", "int4", "int4-compile"}
+    need_bf16 = wanted & {"bf16", "bf16-compile", "int4", "int4-compile", "int4-offload"}
     if need_bf16:
         model = build_bf16(args.seed, config, args.device)
         if "bf16" in wanted:
@@ -285,7 +287,7 @@ def main(argv=None) -> int:
         if "bf16-compile" in wanted:
             compiled(model, "bf16-compile", fullgraph=True)
             torch._dynamo.reset()
-        if wanted & {"int4", "int4-compile"}:
+        if wanted & {"int4", "int4-compile", "int4-offload"}:
             b0 = args.batch[0]
             reference_blocks, reference_out = block_outputs(model, inputs[b0])
             calib = [step_inputs(1, 1000 + i, config, tokens, args.device) for i in range(args.calib_inputs)]
@@ -305,6 +307,12 @@ def main(argv=None) -> int:
                 report["int4_profile"] = profile_step(model, inputs[b0])
                 print(json.dumps(report["int4_profile"], indent=1), flush=True)
                 save()
+            if "int4-offload" in wanted:
+                from nunchaku.offload import BlockOffloader
+
+                offloader = BlockOffloader(model, args.device)
+                record("int4-offload", model)
+                offloader.remove()
             if "int4-compile" in wanted:
                 compiled(model, "int4-compile", fullgraph=True)
                 torch._dynamo.reset()
