@@ -24,7 +24,8 @@ from torch import nn
 class BlockOffloader:
     def __init__(self, transformer: nn.Module, device: str | torch.device = "cuda", pin_memory: bool = True):
         self.device = torch.device(device)
-        blocks = [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+        blocks = [*getattr(transformer, "transformer_blocks", []),
+                  *getattr(transformer, "single_transformer_blocks", [])]
         if not blocks:
             raise ValueError("BlockOffloader needs a FLUX transformer (transformer_blocks / single_transformer_blocks)")
         wrong = [t.device for b in blocks for t in self._tensors(b) if t.device != self.device]
