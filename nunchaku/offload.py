@@ -24,6 +24,8 @@ from torch import nn
 class BlockOffloader:
     def __init__(self, transformer: nn.Module, device: str | torch.device = "cuda", pin_memory: bool = True):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # tensors report cuda:N
         blocks = [*getattr(transformer, "transformer_blocks", []),
                   *getattr(transformer, "single_transformer_blocks", [])]
         if not blocks:
