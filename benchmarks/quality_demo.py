@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nunchaku.demo.checker import check_image  # noqa: E402
-from nunchaku.demo.scenes import held_out_prompts, parse_prompt  # noqa: E402
+from nunchaku.apps.evaluation import psnr_ssim  # noqa: E402
+from nunchaku.demo.checker import pass_rates  # noqa: E402
+from nunchaku.demo.scenes import held_out_prompts  # noqa: E402
 from nunchaku.demo.variants import (  # noqa: E402
     DEMO_SAMPLING, DemoSampling, DemoVariant, calibration_prompts, quantize_demo_transformer,
 )
@@ -85,26 +86,17 @@ def velocity_probe(pipe, prompts: list[str], sampling: DemoSampling, seed: int, 
     return torch.cat(outputs)
 
 
-def image_metrics(images: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+def _batch(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).double()
-    y = torch.from_numpy(np.stack(reference)).permute(0, 3, 1, 2).double()
-    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
-    # identical images have infinite PSNR; the mean is then taken over the finite ones
-    finite = psnr[torch.isfinite(psnr)]
-    return {"psnr_db": float(finite.mean()) if len(finite) else float("inf"), "ssim": float(ssim.mean())}
+
+def image_metrics(images: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
+    psnr, ssim = psnr_ssim(_batch(images), _batch(reference))
+    return {"psnr_db": psnr.value, "ssim": ssim.value}
 
 
 def faithfulness(prompts: list[str], images: list[np.ndarray]) -> dict[str, float]:
-    by_kind: dict[str, list[bool]] = {}
-    for prompt, image in zip(prompts, images):
-        passed = check_image(prompt, (image * 255).round().astype(np.uint8)).passed
-        by_kind.setdefault(parse_prompt(prompt).kind, []).append(passed)
-    rates = {kind: sum(v) / len(v) for kind, v in sorted(by_kind.items())}
-    rates["all"] = sum(sum(v) for v in by_kind.values()) / len(prompts)
-    return rates
+    return pass_rates(prompts, [(image * 255).round().astype(np.uint8) for image in images])
 
 
 def save_grid(rows: dict[str, list[np.ndarray]], path: Path, columns: int = 8) -> None:

@@ -262,20 +262,26 @@ def random_seed() -> int:
     return random.randint(0, MAX_SEED)
 
 
-def timed_generate(pipe, spec: ModelSpec, prompt: str, seed: int, steps: int, guidance: float, height: int,
-                   width: int, device: str) -> GenerationResult:
+def timed_call(fn, device: str) -> GenerationResult:
+    """Runs fn() (which returns an image) and measures its latency and, on a GPU, its peak memory."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     start = time.perf_counter()
-    image = pipe(prompt, height=int(height), width=int(width), generator=torch.Generator("cpu").manual_seed(int(seed)),
-                 **spec.pipeline_kwargs(steps, guidance)).images[0]
+    image = fn()
     if cuda:
         torch.cuda.synchronize()
     latency = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return GenerationResult(image, latency, peak)
+
+
+def timed_generate(pipe, spec: ModelSpec, prompt: str, seed: int, steps: int, guidance: float, height: int,
+                   width: int, device: str) -> GenerationResult:
+    return timed_call(lambda: pipe(prompt, height=int(height), width=int(width),
+                                   generator=torch.Generator("cpu").manual_seed(int(seed)),
+                                   **spec.pipeline_kwargs(steps, guidance)).images[0], device)
 
 
 def validate_generation_inputs(spec: ModelSpec, prompt: str, seed, steps, guidance, height, width) -> None:

@@ -149,7 +149,7 @@ def image_reward(paths: Sequence[Path], prompts: Sequence[str], allow_download: 
 
 def demo_faithfulness(paths: Sequence[Path], prompts: Sequence[str]) -> MetricResult:
     """Pass rate of the demo checker; only for prompts the demo grammar parses."""
-    from ..demo.checker import check_image
+    from ..demo.checker import pass_rates
     from ..demo.scenes import parse_prompt
 
     try:
@@ -157,8 +157,8 @@ def demo_faithfulness(paths: Sequence[Path], prompts: Sequence[str]) -> MetricRe
             parse_prompt(p)
     except ValueError as e:
         return MetricResult("demo faithful", None, f"prompts are not all of the demo grammar ({e})")
-    passed = [check_image(p, Image.open(path).convert("RGB")).passed for p, path in zip(prompts, paths)]
-    return MetricResult("demo faithful", float(np.mean(passed)), "fraction of images the checker accepts")
+    rate = pass_rates(prompts, [Image.open(path).convert("RGB") for path in paths])["all"]
+    return MetricResult("demo faithful", rate, "fraction of images the checker accepts")
 
 
 def read_prompts(path: Path) -> dict[str, str]:

@@ -7,7 +7,6 @@ steps (SDEdit; see nunchaku.pipelines.sketch). app/i2i/run_gradio.py parses the 
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -18,7 +17,8 @@ from PIL import Image
 from ..demo.scenes import COLORS
 from ..models.safety import screen_prompt
 from ..pipelines.sketch import SketchMode, SketchToImagePipeline, sketch_on_white
-from .common import MAX_SEED, ModelSpec, Precision, apply_style, device_summary, random_seed, styles_for
+from .common import MAX_SEED, ModelSpec, Precision, apply_style, device_summary, random_seed, styles_for, \
+    timed_call
 
 CANVAS = 512  # drawing surface in the browser; the sketch is resized to the model's size
 
@@ -81,23 +81,16 @@ def build_app(spec: ModelSpec, pipeline: SketchToImagePipeline, precision: Preci
         if verdict.unsafe:
             notes.append(f"⚠️ The prompt was flagged as unsafe ({verdict.reason}) and replaced by: “{used}”.")
         image = image.resize((spec.size, spec.size), Image.Resampling.LANCZOS)
-        cuda = device.startswith("cuda")
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = pipeline(image, used, sketch_guidance=float(guidance),
-                          generator=torch.Generator("cpu").manual_seed(int(seed)), num_inference_steps=int(steps),
-                          true_cfg_scale=spec.guidance if sdedit and spec.guidance > 1 else 1.0)
-        if cuda:
-            torch.cuda.synchronize()
-        latency = time.perf_counter() - start
-        memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
-        notes.append(f"{precision.value.upper()}: {latency:.2f} s{memory}")
+        timed = timed_call(lambda: pipeline(
+            image, used, sketch_guidance=float(guidance), generator=torch.Generator("cpu").manual_seed(int(seed)),
+            num_inference_steps=int(steps), true_cfg_scale=spec.guidance if sdedit and spec.guidance > 1 else 1.0,
+        ), device)
+        memory = "" if timed.peak_memory_gib is None else f", peak GPU memory {timed.peak_memory_gib:.2f} GiB"
+        notes.append(f"{precision.value.upper()}: {timed.latency_s:.2f} s{memory}")
         sketch_file, result_file = downloads / f"sketch-{seed}.png", downloads / f"result-{seed}.png"
         image.save(sketch_file)
-        result.save(result_file)
-        return result, "\n\n".join(notes), gr.update(value=str(sketch_file)), gr.update(value=str(result_file))
+        timed.image.save(result_file)
+        return timed.image, "\n\n".join(notes), gr.update(value=str(sketch_file)), gr.update(value=str(result_file))
 
     with gr.Blocks(title=f"Nunchaku sketch-to-image ({spec.name})") as app:
         gr.Markdown(

@@ -38,6 +38,7 @@ import io
 import itertools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -350,6 +351,19 @@ def check_image(prompt: str | Prompt, image: Image.Image | np.ndarray | torch.Te
     failed = [c for c in checks if not c.passed]
     reason = "ok" if not failed else f"{failed[0].name}: {failed[0].detail}"
     return CheckResult(not failed, reason, tuple(checks), background, tuple(blobs))
+
+
+def pass_rates(prompts: Sequence[str],
+               images: Sequence[Image.Image | np.ndarray | torch.Tensor]) -> dict[str, float]:
+    """The fraction of images check_image accepts, per prompt kind (sorted) and over all ("all")."""
+    if len(prompts) != len(images) or not prompts:
+        raise ValueError(f"need as many images as prompts (at least one), got {len(images)} and {len(prompts)}")
+    by_kind: dict[str, list[bool]] = {}
+    for prompt, image in zip(prompts, images):
+        by_kind.setdefault(parse_prompt(prompt).kind, []).append(check_image(prompt, image).passed)
+    rates = {kind: sum(v) / len(v) for kind, v in sorted(by_kind.items())}
+    rates["all"] = sum(sum(v) for v in by_kind.values()) / len(prompts)
+    return rates
 
 
 # ----------------------------------------------------------------------------- evaluation helpers

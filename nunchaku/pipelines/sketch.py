@@ -27,13 +27,18 @@ from PIL import Image
 from ..models.flux import to_nunchaku_layout
 
 
+def sketch_on_white(sketch: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels (an empty sketchpad layer) white."""
+    if sketch.mode in ("RGBA", "LA", "P"):
+        background = Image.new("RGBA", sketch.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, sketch.convert("RGBA")).convert("RGB")
+    return sketch.convert("RGB")
+
+
 def binarize_sketch(sketch: Image.Image, threshold: float = 0.5) -> torch.Tensor:
     """PIL image -> float [1, 3, H, W] in {-1, 1}: 1 where the sketch is darker than the
     threshold (the strokes), -1 on the background. Transparent pixels count as background."""
-    if sketch.mode in ("RGBA", "LA"):
-        background = Image.new("RGBA", sketch.size, (255, 255, 255, 255))
-        sketch = Image.alpha_composite(background, sketch.convert("RGBA"))
-    gray = np.asarray(sketch.convert("L"), dtype=np.float32) / 255.0
+    gray = np.asarray(sketch_on_white(sketch).convert("L"), dtype=np.float32) / 255.0
     strokes = torch.from_numpy(gray < threshold).float()
     return (strokes * 2 - 1)[None, None].expand(1, 3, *strokes.shape).contiguous()
 
@@ -41,14 +46,6 @@ def binarize_sketch(sketch: Image.Image, threshold: float = 0.5) -> torch.Tensor
 class SketchMode(str, enum.Enum):
     ONE_STEP_LORA = "one-step-lora"
     SDEDIT = "sdedit"
-
-
-def sketch_on_white(sketch: Image.Image) -> Image.Image:
-    """RGB, with transparent pixels (an empty sketchpad layer) white."""
-    if sketch.mode in ("RGBA", "LA", "P"):
-        background = Image.new("RGBA", sketch.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, sketch.convert("RGBA")).convert("RGB")
-    return sketch.convert("RGB")
 
 
 class SketchToImagePipeline:
