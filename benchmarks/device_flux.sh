@@ -9,10 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nunchaku_out}
 mkdir -p "$OUT"
 export MAX_JOBS=16 PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD"
-fi
+source benchmarks/device_wheels.sh  # the carried wheels (diffusers, ...) on PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/env.log"
 # A warm machine keeps the extension built by an earlier call (NUNCHAKU_REUSE_BUILD=1 reuses it).
 if [ "${NUNCHAKU_REUSE_BUILD:-0}" != 1 ] || ! ls nunchaku/_C*.so >/dev/null 2>&1; then

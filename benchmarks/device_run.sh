@@ -9,7 +9,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nunchaku_out}
 mkdir -p "$OUT"
 export MAX_JOBS=16 PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BENCH_ARGS=()
 RUN_TESTS=1
 RUN_NCU=0
@@ -31,11 +30,7 @@ done
   nvcc --version | tail -1
 } 2>&1 | tee "$OUT/env.log"
 
-# The carried wheels (pytest, diffusers, ...): the FLUX GPU tests need diffusers, which the image lacks.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
+source benchmarks/device_wheels.sh  # the carried wheels (diffusers, ...) on PYTHONPATH
 
 python3 benchmarks/build_ext.py 2>&1 | tee "$OUT/build.log" | grep -E "error|warning|ptxas info|spill|built " | grep -v "Compile time" | tail -40
 if [ "${PIPESTATUS[0]}" -ne 0 ] || ! ls nunchaku/_C*.so >/dev/null 2>&1; then

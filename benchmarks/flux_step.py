@@ -58,18 +58,22 @@ def _reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def build_bf16(seed: int, config: dict, device: str):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
+def on_device_bf16(factory, device: str) -> torch.nn.Module:
+    """factory() built directly on `device` in BF16 (no fp32 copy on the host), in eval mode."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = FluxTransformer2DModel(**config)
+            return factory().eval().requires_grad_(False)
     finally:
         torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
+
+
+def build_bf16(seed: int, config: dict, device: str):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return on_device_bf16(lambda: FluxTransformer2DModel(**config), device)
 
 
 def step_inputs(batch: int, seed: int, config: dict, tokens: tuple[int, int], device: str) -> dict:

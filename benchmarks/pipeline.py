@@ -26,7 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flux_step import FLUX_12B, GIB, SMALL, build_bf16, quantize_int4, step_inputs, weight_bytes  # noqa: E402
+from flux_step import (  # noqa: E402
+    FLUX_12B, GIB, SMALL, _peak_gib, _reset_peak, _sync, build_bf16, on_device_bf16, quantize_int4, step_inputs,
+    weight_bytes,
+)
 
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=3,
@@ -48,16 +51,6 @@ SMALL_CLIP = {**CLIP_L, "vocab_size": 64, "hidden_size": 32, "intermediate_size"
 SMALL_VAE = {**FLUX_VAE, "block_out_channels": (32, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8}
 
 
-def _on_device_bf16(factory, device: str):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            return factory().eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_pipeline(seed: int, small: bool, device: str):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -65,12 +58,15 @@ def build_pipeline(seed: int, small: bool, device: str):
     from nunchaku.models.tiny import make_word_tokenizer
     from nunchaku.pipelines.flux import NunchakuFluxPipeline
 
-    transformer_config, t5_config, clip_config, vae_config = (
-        ({**SMALL, "in_channels": 64, "joint_attention_dim": 128}, SMALL_T5, SMALL_CLIP, SMALL_VAE) if small else (FLUX_12B, T5_XXL, CLIP_L, FLUX_VAE))
+    if small:
+        small_transformer = {**SMALL, "in_channels": 64, "joint_attention_dim": 128}
+        transformer_config, t5_config, clip_config, vae_config = small_transformer, SMALL_T5, SMALL_CLIP, SMALL_VAE
+    else:
+        transformer_config, t5_config, clip_config, vae_config = FLUX_12B, T5_XXL, CLIP_L, FLUX_VAE
     transformer = build_bf16(seed, transformer_config, device)
-    t5 = _on_device_bf16(lambda: T5EncoderModel(T5Config(**t5_config)), device)
-    clip = _on_device_bf16(lambda: CLIPTextModel(CLIPTextConfig(**clip_config)), device)
-    vae = _on_device_bf16(lambda: AutoencoderKL(**vae_config), device)
+    t5 = on_device_bf16(lambda: T5EncoderModel(T5Config(**t5_config)), device)
+    clip = on_device_bf16(lambda: CLIPTextModel(CLIPTextConfig(**clip_config)), device)
+    vae = on_device_bf16(lambda: AutoencoderKL(**vae_config), device)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     return NunchakuFluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, text_encoder_2=t5,
                                 transformer=transformer, tokenizer=make_word_tokenizer(WORDS, 77, add_bos=True),
@@ -78,8 +74,6 @@ def build_pipeline(seed: int, small: bool, device: str):
 
 
 def time_pipeline(pipe, args) -> tuple[float, float]:
-    from flux_step import _peak_gib, _reset_peak, _sync
-
     def call():
         pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=0.0,
              max_sequence_length=512, generator=torch.Generator(args.device).manual_seed(0), output_type="pil")
@@ -119,8 +113,9 @@ def main(argv=None) -> int:
 
     pipe = build_pipeline(args.seed, args.small, args.device)
     pipe.set_progress_bar_config(disable=True)
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU", "torch": torch.__version__, "steps": args.steps,
-              "size": args.size, "kernels": "sm90 extension" if sm90.extension_available() else "reference",
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    report = {"device": device_name, "torch": torch.__version__, "steps": args.steps, "size": args.size,
+              "kernels": "sm90 extension" if sm90.extension_available() else "reference",
               "rows": []}
 
     def record(variant: str, extra: dict | None = None):

@@ -11,10 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nunchaku_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD"
-fi
+source benchmarks/device_wheels.sh  # the carried wheels (diffusers, ...) on PYTHONPATH
 WORK=runs/demo
 RUN=${1:-1}
 BUDGET=18.5

@@ -61,3 +61,17 @@ def random_lora_file(transformer, path, rank: int, scale: float, prefix: str = "
             lora[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * scale
     save_file(lora, str(path))
     return path
+
+
+def save_tiny_flux_with_lora(root, lora_name: str, lora_rank: int, lora_scale: float):
+    """root/base: a tiny BF16 FLUX pipeline; root/<lora_name>: a random LoRA for it; root/int4: its
+    SVDQuant INT4 transformer. Returns root."""
+    from nunchaku.models.flux_loading import save_quantized_transformer
+    from nunchaku.models.tiny import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(torch_dtype=torch.bfloat16)
+    pipe.save_pretrained(root / "base")
+    random_lora_file(pipe.transformer, root / lora_name, rank=lora_rank, scale=lora_scale)
+    quantize_pipeline(pipe)
+    save_quantized_transformer(root / "int4", pipe.transformer)
+    return root

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from browser_helpers import (
     fetch_image, require_browser, running_app, screenshot, wait_for, wait_for_new_image, wait_for_text,
 )
@@ -16,17 +15,9 @@ from browser_helpers import (
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     require_browser()
-    from flux_helpers import quantize_pipeline, random_lora_file
+    from flux_helpers import save_tiny_flux_with_lora
 
-    from nunchaku.models.flux_loading import save_quantized_transformer
-    from nunchaku.models.tiny import build_tiny_flux_pipeline
-
-    root = tmp_path_factory.mktemp("app")
-    pipe = build_tiny_flux_pipeline(torch_dtype=torch.bfloat16)
-    pipe.save_pretrained(root / "base")
-    random_lora_file(pipe.transformer, root / "style.safetensors", rank=8, scale=0.3)
-    quantize_pipeline(pipe)
-    save_quantized_transformer(root / "int4", pipe.transformer)
+    root = save_tiny_flux_with_lora(tmp_path_factory.mktemp("app"), "style.safetensors", lora_rank=8, lora_scale=0.3)
     args = ["--model-path", str(root / "base"), "--qmodel-path", str(root / "int4"), "-p", "int4", "bf16",
             "--safety-checker", "keyword", "--lora", f"Test style={root / 'style.safetensors'}", "--device", "cpu"]
     with running_app("t2i/run_gradio.py", args, root / "app.log") as url:

@@ -3,11 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from flux_helpers import quantize_pipeline, random_lora_file
+from flux_helpers import save_tiny_flux_with_lora
 from PIL import Image, ImageDraw
 
-from nunchaku.models.flux_loading import save_quantized_transformer
-from nunchaku.models.tiny import build_tiny_flux_pipeline
 from nunchaku.pipelines.sketch import SketchMode, SketchToImagePipeline, binarize_sketch
 
 
@@ -19,13 +17,8 @@ def a_sketch(size=64):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sketch")
-    pipe = build_tiny_flux_pipeline(torch_dtype=torch.bfloat16)
-    pipe.save_pretrained(root / "base")
-    random_lora_file(pipe.transformer, root / "sketch_lora.safetensors", rank=16, scale=0.05)
-    quantize_pipeline(pipe)
-    save_quantized_transformer(root / "int4", pipe.transformer)
-    return root
+    return save_tiny_flux_with_lora(tmp_path_factory.mktemp("sketch"), "sketch_lora.safetensors", lora_rank=16,
+                                    lora_scale=0.05)
 
 
 def test_binarize_maps_strokes_to_one_and_background_to_minus_one():
