@@ -2,8 +2,9 @@
 
 The extension is built when torch with CUDA support and nvcc are found at build time and
 NUNCHAKU_SKIP_CUDA_BUILD is not 1. Installing never probes a GPU: the target architectures come
-from TORCH_CUDA_ARCH_LIST (default "9.0a": the kernels written so far are Hopper's; the
-Ampere/Ada INT4 path will add 8.0/8.6/8.9). Without nvcc the build prints a warning
+from TORCH_CUDA_ARCH_LIST (default "8.0;8.6;8.9;9.0a": the Ampere/Ada INT4 tensor-core kernels and
+the Hopper ones; each family's kernels compile to empty bodies for the other targets, and the ops
+check the GPU before launching). Without nvcc the build prints a warning
 and installs the package without kernels; everything then runs on the PyTorch reference path.
 Build with `pip install --no-build-isolation -e .` so the extension compiles against the torch
 you run (an isolated build would compile against a throwaway torch, or skip the kernels).
@@ -15,7 +16,7 @@ import sys
 
 from setuptools import find_packages, setup
 
-DEFAULT_ARCH_LIST = "9.0a"
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0a"
 
 
 def _warn(msg: str) -> None:

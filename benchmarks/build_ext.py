@@ -1,6 +1,7 @@
 """Build the nunchaku._C CUDA extension in place for a device run (setup.py is the lead's).
 
-Compiles csrc/ with torch.utils.cpp_extension.load for sm_90a only, then copies the shared
+Compiles csrc/ with torch.utils.cpp_extension.load for sm_90a only (the H100's target; the
+Ampere/Ada kernels are built for it too, and run there in emulation), then copies the shared
 library next to nunchaku/ so that `import nunchaku._C` works from the repository root.
 Environment: MAX_JOBS (parallel nvcc jobs, default 16), NUNCHAKU_BUILD_DIR (default build/_C),
 NUNCHAKU_NVCC_DEFINES (extra space-separated -D flags, e.g. the ablation switches of
@@ -17,11 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [
-    "csrc/bindings.cpp",
-    "csrc/w4a4/quantize_act.cu",
-    "csrc/w4a4/sm90/gemm.cu",
-]
+SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cu", ".cpp"))
 
 
 def main() -> int:

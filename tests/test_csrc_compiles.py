@@ -1,4 +1,5 @@
-"""csrc/ compiles for sm_90a: a compile error fails CI even on a machine without a GPU.
+"""csrc/ compiles for sm_80 and sm_90a (the two ends of the default arch list): a compile error
+fails CI even on a machine without a GPU.
 
 Object files only (no link, nothing runs): nvcc for the .cu files, the host compiler for the
 .cpp, with the include paths torch's build would use. Needs nvcc and a CUDA build of torch (a
@@ -40,7 +41,7 @@ def _compile(args) -> tuple[str, int, str]:
     return source, proc.returncode, proc.stdout + proc.stderr
 
 
-def test_csrc_compiles_for_sm90a(tmp_path):
+def test_csrc_compiles_for_sm80_and_sm90a(tmp_path):
     nvcc, includes = _toolchain()
     assert SOURCES, "csrc/ has no sources"
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
@@ -48,8 +49,9 @@ def test_csrc_compiles_for_sm90a(tmp_path):
     for i, source in enumerate(SOURCES):
         out = str(tmp_path / f"{i}.o")
         if source.endswith(".cu"):
-            cmd = [nvcc, "-c", "-std=c++20", "-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
-                   "--expt-relaxed-constexpr", abi, *includes, source, "-o", out]
+            cmd = [nvcc, "-c", "-std=c++20", "-O3", "-DNDEBUG", "-gencode=arch=compute_80,code=sm_80",
+                   "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr", abi, *includes, source,
+                   "-o", out]
         else:
             cmd = ["c++", "-c", "-std=c++20", "-O3", "-DNDEBUG", "-fPIC", abi, *includes, source, "-o", out]
         jobs.append((source, cmd))

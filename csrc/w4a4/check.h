@@ -1,12 +1,17 @@
-// Formatting for argument-check messages. Numbers and shapes are turned into strings with
-// std::to_string instead of being streamed: on the device image, streaming an integer into
-// TORCH_CHECK's message from this extension crashed the process (segfault inside the error path;
-// enum and string messages worked), so the messages avoid ostream number formatting.
+// Argument checks of the W4A4 ops, and message formatting for them. Numbers and shapes are
+// turned into strings with std::to_string instead of being streamed: on the device image,
+// streaming an integer into TORCH_CHECK's message from this extension crashed the process
+// (segfault inside the error path; enum and string messages worked), so the messages avoid
+// ostream number formatting.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 namespace nunchaku {
@@ -20,6 +25,28 @@ inline std::string shape(c10::IntArrayRef a) {
     s += std::to_string(a[i]);
   }
   return s + "]";
+}
+
+// t must be a contiguous, 16-byte aligned `dtype` tensor of shape `expected` on `dev`.
+inline void check_operand(const char* op, const at::Tensor& t, const char* name, const at::Device& dev,
+                          at::ScalarType dtype, std::initializer_list<int64_t> expected) {
+  TORCH_CHECK(t.device() == dev, op, ": ", name, " must be on ", dev.str(), ", got ", t.device().str());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(expected), op, ": ", name, " must have shape ", shape(expected), ", got ",
+              shape(t.sizes()));
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name, " must be 16-byte aligned");
+}
+
+// The kernels of one op are built for one architecture family; the library also carries them
+// (as empty bodies) for the others, so the device is checked before any launch.
+inline void check_device_arch(const char* op, const at::Device& dev, int min_cc, int max_cc, const char* needs) {
+  int major = 0, minor = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev.index()) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev.index()) == cudaSuccess,
+              op, ": cannot query the compute capability of ", dev.str());
+  const int cc = 10 * major + minor;
+  TORCH_CHECK(cc >= min_cc && cc <= max_cc, op, ": needs ", needs, ", but ", dev.str(), " is sm_", num(cc));
 }
 
 }  // namespace nunchaku

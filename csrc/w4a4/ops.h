@@ -5,12 +5,20 @@
 
 namespace nunchaku::w4a4 {
 
-// See nunchaku/ops/sm90_layout.py for the dtype / shape / layout of every tensor.
+// Hopper path; see nunchaku/ops/sm90_layout.py for the dtype / shape / layout of every tensor.
 void quantize_act_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
                        bool act_unsigned, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act);
 
 void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wcodes_packed,
                const at::Tensor& wscales_packed, const at::Tensor& lora_act, const at::Tensor& lora_up,
                const at::Tensor& bias, at::Tensor& out);
+
+// Ampere/Ada INT4 tensor-core path (runs on sm_80..sm_90); see nunchaku/ops/sm80_layout.py.
+void quantize_act_sm80(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
+                       bool act_unsigned, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act);
+
+void gemm_sm80(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wcodes,
+               const at::Tensor& wscales, const at::Tensor& lora_act, const at::Tensor& lora_up,
+               const at::Tensor& bias, bool act_unsigned, at::Tensor& out);
 
 }  // namespace nunchaku::w4a4

@@ -148,9 +148,55 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 
 // Two fp32 values that hold small integers -> two e4m3 bytes (exact for |v| <= 16).
 __device__ __forceinline__ uint16_t f32x2_to_e4m3x2(float lo, float hi) {
-  uint16_t d;
+  uint16_t d = 0;
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 890
   asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
+#else
+  __trap();  // no e4m3 conversion before sm_89; the ops that reach here refuse such GPUs on the host
+#endif
   return d;
+}
+
+// ---------------------------------------------------------------- sm_80 building blocks
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool fill) {
+  // src-size 0 zero-fills the 16 bytes without reading src (rows past the end of a tensor).
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(fill ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr));
+}
+
+// D[16x8] = A[16x64] * B[64x8] on the INT4 tensor cores, int32 result (no accumulation input:
+// the caller promotes every 64-wide group on its own). A is .u4 (unsigned activations) or .s4.
+template <bool kUnsignedA>
+__device__ __forceinline__ void mma_m16n8k64_4bit(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kUnsignedA) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+  }
+}
+
+// int32 -> fp32 for |v| < 2^22 with two full-rate ALU instructions instead of I2F (a
+// quarter-rate conversion on sm_80/86): v + 1.5 * 2^23 is exact in fp32, built by adding to
+// the bit pattern of 1.5 * 2^23.
+__device__ __forceinline__ float small_int_to_float(int v) {
+  return __int_as_float(0x4B400000 + v) - 12582912.f;
 }
 
 // mma.sync m16n8k16 with fp32 accumulators; T selects bf16 or fp16 operands.

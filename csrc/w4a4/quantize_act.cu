@@ -1,8 +1,9 @@
-// Activation side of the sm_90 W4A4 linear: one pass over x that
-//   - smooths and quantizes it to 4-bit codes per (token, 64-channel group), stored as fp8 e4m3
-//     bytes in a uint8 tensor (the GEMM runs on the fp8 tensor cores; every code in [-8, 15] is
-//     exact in e4m3; uint8 rather than float8 so that generic tensor utilities, opcheck
-//     included, can handle the tensor),
+// Activation side of the W4A4 linear: one pass over x that
+//   - smooths and quantizes it to 4-bit codes per (token, 64-channel group), stored
+//       for the sm_90 GEMM as fp8 e4m3 bytes in a uint8 [M, K] tensor (that GEMM runs on the fp8
+//       tensor cores; every code in [-8, 15] is exact in e4m3; uint8 rather than float8 so that
+//       generic tensor utilities, opcheck included, can handle the tensor),
+//       for the sm_80 GEMM (INT4 tensor cores) as nibbles, two per byte, uint8 [M, K/2],
 //   - writes the per-(group, token) fp32 scales,
 //   - and computes the rank-R down projection x @ lora_down from the same registers (tensor
 //     cores, mma.sync m16n8k16), so the low-rank branch costs no second read of x.
@@ -33,6 +34,8 @@ constexpr int kMaxRank = 128;
 // Must match the GEMM M tile (sm90/config.cuh kBlockM): it bulk-copies the scales of whole tiles.
 constexpr int kScaleRowPad = 192;
 
+enum class CodeFormat { kE4m3Bytes, kInt4Nibbles };
+
 // a / b correctly rounded, given rb = RN(1/b): one Newton correction of a * rb (Markstein), the
 // same result as IEEE division for normal operands at a third of its instruction count. Both
 // divisions of the quantizer (x / smooth, v / ascale) reuse a reciprocal over many numerators.
@@ -41,7 +44,11 @@ __device__ __forceinline__ float div_rn(float a, float b, float rb) {
   return fmaf(fmaf(-q, b, a), rb, q);
 }
 
-template <bool kBf16, bool kUnsigned, int kRank16>
+__device__ __forceinline__ uint8_t nibble_pair(float lo, float hi) {
+  return static_cast<uint8_t>((static_cast<int>(lo) & 0xF) | ((static_cast<int>(hi) & 0xF) << 4));
+}
+
+template <CodeFormat kFormat, bool kBf16, bool kUnsigned, int kRank16>
 __global__ void __launch_bounds__(kWarps * 32, kRank16 <= 2 ? 3 : 1) quantize_act_kernel(
     const uint16_t* __restrict__ x, int64_t x_ld, const uint16_t* __restrict__ smooth,
     const uint16_t* __restrict__ lora_down, int M, int K, int m_pad, uint8_t* __restrict__ codes,
@@ -146,8 +153,15 @@ __global__ void __launch_bounds__(kWarps * 32, kRank16 <= 2 ? 3 : 1) quantize_ac
         const float qa1 = fminf(fmaxf(rintf(div_rn(v_a[s][h][1], sa, rsa)), kQMin), kQMax);
         const float qb0 = fminf(fmaxf(rintf(div_rn(v_b[s][h][0], sb, rsb)), kQMin), kQMax);
         const float qb1 = fminf(fmaxf(rintf(div_rn(v_b[s][h][1], sb, rsb)), kQMin), kQMax);
-        if (va) *reinterpret_cast<uint16_t*>(codes + static_cast<int64_t>(ra) * K + k) = ptx::f32x2_to_e4m3x2(qa0, qa1);
-        if (vb) *reinterpret_cast<uint16_t*>(codes + static_cast<int64_t>(rb) * K + k) = ptx::f32x2_to_e4m3x2(qb0, qb1);
+        if constexpr (kFormat == CodeFormat::kE4m3Bytes) {
+          if (va) *reinterpret_cast<uint16_t*>(codes + static_cast<int64_t>(ra) * K + k) = ptx::f32x2_to_e4m3x2(qa0, qa1);
+          if (vb) *reinterpret_cast<uint16_t*>(codes + static_cast<int64_t>(rb) * K + k) = ptx::f32x2_to_e4m3x2(qb0, qb1);
+        } else {
+          // k is even: channel k in the low nibble, k + 1 in the high one (two's complement
+          // for signed codes), the order mma.sync's 4-bit fragments read.
+          if (va) codes[static_cast<int64_t>(ra) * (K / 2) + k / 2] = nibble_pair(qa0, qa1);
+          if (vb) codes[static_cast<int64_t>(rb) * (K / 2) + k / 2] = nibble_pair(qb0, qb1);
+        }
       }
     // Rows in [M, m_pad) get scale 0: the GEMM multiplies their (zero-filled) codes by it.
     if (lane % 4 == 0) {
@@ -202,7 +216,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRank16 <= 2 ? 3 : 1) quantize_ac
   }
 }
 
-template <bool kBf16, bool kUnsigned>
+template <CodeFormat kFormat, bool kBf16, bool kUnsigned>
 void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down, at::Tensor& codes,
                      at::Tensor& scales, at::Tensor& lora_act, int m_pad, cudaStream_t stream) {
   const int M = x.size(0), K = x.size(1), R = lora_down.size(1);
@@ -218,10 +232,10 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Te
     constexpr int smem = kWarps * 64 * (R16 * 16 + 8) * 2;                                                  \
     static std::once_flag once;                                                                             \
     std::call_once(once, [] {                                                                               \
-      C10_CUDA_CHECK(cudaFuncSetAttribute(quantize_act_kernel<kBf16, kUnsigned, R16>,                       \
+      C10_CUDA_CHECK(cudaFuncSetAttribute(quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>,              \
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem));              \
     });                                                                                                     \
-    quantize_act_kernel<kBf16, kUnsigned, R16>                                                              \
+    quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>                                                     \
         <<<grid, block, smem, stream>>>(xp, x.stride(0), sp, lp, M, K, m_pad, cp, scp, lap);                \
     break;                                                                                                  \
   }
@@ -235,18 +249,16 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Te
     NUNCHAKU_QUANT_CASE(7)
     NUNCHAKU_QUANT_CASE(8)
     default:
-      TORCH_CHECK(false, "w4a4_quantize_act_sm90: rank ", num(R), " is not a multiple of 16 in [16, ", num(kMaxRank), "]");
+      TORCH_CHECK(false, "w4a4_quantize_act: rank ", num(R), " is not a multiple of 16 in [16, ", num(kMaxRank), "]");
   }
 #undef NUNCHAKU_QUANT_CASE
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-void quantize_act_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
-                       bool act_unsigned, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act) {
-  constexpr const char* op = "w4a4_quantize_act_sm90";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+template <CodeFormat kFormat>
+void quantize_act(const char* op, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
+                  bool act_unsigned, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act) {
+  constexpr bool kNibbles = kFormat == CodeFormat::kInt4Nibbles;
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", num(x.dim()), "-D");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
               ": x must be bfloat16 or float16, got ", x.scalar_type());
@@ -269,11 +281,12 @@ void quantize_act_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::
   TORCH_CHECK(R % 16 == 0 && R >= 16 && R <= kMaxRank, op, ": rank R = ", num(R),
               " must be a multiple of 16 in [16, ", num(kMaxRank), "]");
   const int64_t m_pad = (M + kScaleRowPad - 1) / kScaleRowPad * kScaleRowPad;
+  const int64_t code_cols = kNibbles ? K / 2 : K;
   TORCH_CHECK(act_codes.device() == x.device() && act_codes.scalar_type() == at::kByte &&
                   act_codes.is_contiguous() && act_codes.dim() == 2 && act_codes.size(0) == M &&
-                  act_codes.size(1) == K,
-              op, ": act_codes must be a contiguous uint8 [M, K] = [", num(M), ", ", num(K),
-              "] tensor (e4m3 bytes) on x's device");
+                  act_codes.size(1) == code_cols,
+              op, ": act_codes must be a contiguous uint8 [M, ", kNibbles ? "K/2" : "K", "] = [", num(M), ", ",
+              num(code_cols), "] tensor (", kNibbles ? "int4 nibble pairs" : "e4m3 bytes", ") on x's device");
   TORCH_CHECK(act_scales.device() == x.device() && act_scales.scalar_type() == at::kFloat &&
                   act_scales.is_contiguous() && act_scales.dim() == 2 && act_scales.size(0) == K / 64 &&
                   act_scales.size(1) == m_pad,
@@ -289,12 +302,31 @@ void quantize_act_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (bf16) {
-    act_unsigned ? launch_quantize<true, true>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream)
-                 : launch_quantize<true, false>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream);
+    act_unsigned ? launch_quantize<kFormat, true, true>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream)
+                 : launch_quantize<kFormat, true, false>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream);
   } else {
-    act_unsigned ? launch_quantize<false, true>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream)
-                 : launch_quantize<false, false>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream);
+    act_unsigned ? launch_quantize<kFormat, false, true>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream)
+                 : launch_quantize<kFormat, false, false>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream);
   }
+}
+
+}  // namespace
+
+void quantize_act_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
+                       bool act_unsigned, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act) {
+  constexpr const char* op = "w4a4_quantize_act_sm90";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  // e4m3 conversion instructions exist from sm_89 on; the codes feed the sm_90 GEMM.
+  check_device_arch(op, x.device(), 89, 90, "an sm_89 or sm_90 GPU (fp8 conversion)");
+  quantize_act<CodeFormat::kE4m3Bytes>(op, x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act);
+}
+
+void quantize_act_sm80(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
+                       bool act_unsigned, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act) {
+  constexpr const char* op = "w4a4_quantize_act_sm80";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  check_device_arch(op, x.device(), 80, 90, "an sm_80 or newer GPU");
+  quantize_act<CodeFormat::kInt4Nibbles>(op, x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act);
 }
 
 }  // namespace nunchaku::w4a4

@@ -92,6 +92,10 @@ class WeightLayout(str, enum.Enum):
 
     NIBBLES = "nibbles"  # qweight uint8 [N, K/2], wscales [N, K/G]: the reference path's layout
     SM90 = "sm90"  # qweight / wscales in the Hopper kernels' layout (nunchaku.ops.sm90_layout)
+    SM80 = "sm80"  # qweight as NIBBLES, wscales transposed [K/G, N] (nunchaku.ops.sm80_layout)
+
+
+_LAYOUT_OF_KERNELS = {ops.W4A4Kernels.SM90: WeightLayout.SM90, ops.W4A4Kernels.SM80: WeightLayout.SM80}
 
 
 class SVDQW4A4Linear(LowRankAdapters, nn.Module):
@@ -100,7 +104,7 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
     Buffers (dtype = the compute dtype unless noted):
       qweight   uint8 [N, K/2]  int4 codes of R, two per byte (even k in the low nibble)
       wscales         [N, K/G]  per (row, group) scale of R
-      (in WeightLayout.SM90 these two hold the Hopper kernels' layout instead: the module
+      (in WeightLayout.SM90 / SM80 these two hold a kernel family's layout instead: the module
        repacks itself when moved to a GPU those kernels support, and back when moved away)
       smooth          [K]       divides x before activation quantization
       lora_down       [K, r]    reads the raw x
@@ -141,20 +145,23 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         return self
 
     def sync_weight_layout(self) -> None:
-        """Puts the weights in the layout of the path that runs on the module's device (the
-        sm_90 kernels or the reference; see nunchaku.ops.use_sm90_kernels). Called on every
+        """Puts the weights in the layout of the path that runs on the module's device (a CUDA
+        kernel family or the reference; see nunchaku.ops.w4a4_kernels_for). Called on every
         .to()/.cuda() and at creation."""
-        want = WeightLayout.SM90 if ops.use_sm90_kernels(self.qweight.device, self.out_features,
-                                                         self.in_features, self.rank) else WeightLayout.NIBBLES
+        kernels = ops.w4a4_kernels_for(self.qweight.device, self.out_features, self.in_features, self.rank)
+        want = WeightLayout.NIBBLES if kernels is None else _LAYOUT_OF_KERNELS[kernels]
         if want is not self.weight_layout:
             self._set_layout(want)
 
     def _set_layout(self, layout: WeightLayout) -> None:
+        from ..ops.sm80_layout import pack_weights_sm80
         from ..ops.sm90_layout import pack_weights_sm90
 
         codes, scales = self._logical_codes_and_scales()
         if layout is WeightLayout.SM90:
             self.qweight, self.wscales = pack_weights_sm90(codes, scales)
+        elif layout is WeightLayout.SM80:
+            self.qweight, self.wscales = pack_weights_sm80(pack_int4_nibbles(codes), scales.to(self.bias.dtype))
         else:
             self.qweight, self.wscales = pack_int4_nibbles(codes), scales.to(self.bias.dtype)
         self.weight_layout = layout
@@ -163,6 +170,10 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         """int8 codes [N, K] and scales [N, K/G] whatever the current layout."""
         if self.weight_layout is WeightLayout.NIBBLES:
             return unpack_int4_nibbles(self.qweight, signed=True), self.wscales
+        if self.weight_layout is WeightLayout.SM80:
+            from ..ops.sm80_layout import unpack_weights_sm80
+
+            return unpack_weights_sm80(self.qweight, self.wscales)
         from ..ops.sm90_layout import unpack_weights_sm90
 
         g = self.in_features // self.group_size
@@ -235,6 +246,13 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
             from ..ops import sm90
 
             y = sm90.w4a4_linear_sm90(
+                x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
+                self.act_unsigned,
+            ).to(x.dtype)
+        elif self.weight_layout is WeightLayout.SM80:
+            from ..ops import sm80
+
+            y = sm80.w4a4_linear_sm80(
                 x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
                 self.act_unsigned,
             ).to(x.dtype)

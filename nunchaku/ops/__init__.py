@@ -2,13 +2,14 @@
 
 The functions here take logical-layout tensors (nunchaku.quant.weights; weight codes
 nibble-packed) and run the reference implementation (nunchaku.ops.reference), which works on
-every device. The CUDA kernels (csrc/, nunchaku.ops.sm90) take their own weight layouts, which
+every device. The CUDA kernels (csrc/; nunchaku.ops.sm90 for Hopper, nunchaku.ops.sm80 for
+Ampere/Ada) take their own weight layouts, which
 the modules prepare once when they are moved to a GPU the kernels support (see
 nunchaku.nn.linear); both paths are tested against the reference.
 
 NUNCHAKU_BACKEND selects: "auto" (default: the CUDA kernels where built and supported, the
 reference elsewhere), "reference" (always the reference), "cuda" (the kernels, or an error
-naming what is missing).
+naming what is missing). NUNCHAKU_W4A4_KERNELS picks the W4A4 kernel family (W4A4Kernels).
 """
 
 from __future__ import annotations
@@ -37,35 +38,68 @@ def requested_backend() -> Backend:
         ) from None
 
 
-def sm90_kernel_problem(device: torch.device, n: int, k: int, rank: int = 32) -> str | None:
-    """Why the sm_90 W4A4 kernels cannot run a [N, K] layer with a rank-`rank` low-rank branch
-    on `device`, or None if they can."""
+class W4A4Kernels(str, enum.Enum):
+    """The two CUDA kernel families of the W4A4 linear."""
+
+    SM90 = "sm90"  # Hopper: the 4-bit codes run on the fp8 tensor cores (wgmma), sm_90 only
+    SM80 = "sm80"  # Ampere/Ada: the INT4 tensor cores (mma.sync m16n8k64); sm_80 to sm_90
+
+
+def requested_w4a4_kernels() -> W4A4Kernels | None:
+    """NUNCHAKU_W4A4_KERNELS: "auto" (default: the family made for the GPU), "sm90" or "sm80"
+    (that family wherever it can run: an H100 runs the sm80 kernels, in emulation, for testing)."""
+    value = os.environ.get("NUNCHAKU_W4A4_KERNELS", "auto").strip().lower()
+    if value == "auto":
+        return None
+    try:
+        return W4A4Kernels(value)
+    except ValueError:
+        raise ValueError(
+            f"NUNCHAKU_W4A4_KERNELS={value!r} is not one of {['auto'] + [k.value for k in W4A4Kernels]}"
+        ) from None
+
+
+def w4a4_kernel_problem(device: torch.device, n: int, k: int, rank: int = 32,
+                        kernels: W4A4Kernels | None = None) -> tuple[W4A4Kernels | None, str | None]:
+    """(the kernel family for a [N, K] layer with a rank-`rank` low-rank branch on `device`, None)
+    or (None, why no kernel can run it). `kernels` asks for one family; None picks by GPU."""
     if device.type != "cuda":
-        return f"the layer is on {device}, not a CUDA GPU"
-    if torch.cuda.get_device_capability(device) != (9, 0):
-        major, minor = torch.cuda.get_device_capability(device)
-        return (f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; the W4A4 kernels built so far are for "
-                "Hopper (sm_90); the Ampere/Ada INT4 path is not written yet")
+        return None, f"the layer is on {device}, not a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    cc = 10 * major + minor
+    name = f"{torch.cuda.get_device_name(device)} (sm_{cc})"
+    if kernels is None:
+        if cc == 90:
+            kernels = W4A4Kernels.SM90
+        elif 80 <= cc < 90:
+            kernels = W4A4Kernels.SM80
+        else:
+            return None, f"{name} has no W4A4 kernels: they are built for Ampere/Ada (sm_80-sm_89) and Hopper (sm_90)"
+    if kernels is W4A4Kernels.SM90 and cc != 90:
+        return None, f"the sm90 W4A4 kernels need a Hopper GPU (sm_90), this is {name}"
+    if kernels is W4A4Kernels.SM80 and not 80 <= cc <= 90:
+        return None, f"the sm80 W4A4 kernels need an sm_80 to sm_90 GPU, this is {name}"
     if n % 128 or k % 64:
-        return f"the kernels need N % 128 == 0 and K % 64 == 0, the layer is N={n}, K={k}"
+        return None, f"the kernels need N % 128 == 0 and K % 64 == 0, the layer is N={n}, K={k}"
     if rank < 16 or rank % 16:
-        return f"the kernels need a low-rank branch of rank 16, 32, 48, ..., the layer has rank {rank}"
-    from . import sm90
+        return None, f"the kernels need a low-rank branch of rank 16, 32, 48, ..., the layer has rank {rank}"
+    from .extension import extension_available
 
-    if not sm90.extension_available():
-        return "the CUDA extension nunchaku._C is not built (pip install --no-build-isolation -e . with nvcc)"
-    return None
+    if not extension_available():
+        return None, "the CUDA extension nunchaku._C is not built (pip install --no-build-isolation -e . with nvcc)"
+    return kernels, None
 
 
-def use_sm90_kernels(device: torch.device, n: int, k: int, rank: int = 32) -> bool:
-    """Whether a layer on `device` should run the sm_90 kernels, per NUNCHAKU_BACKEND."""
+def w4a4_kernels_for(device: torch.device, n: int, k: int, rank: int = 32) -> W4A4Kernels | None:
+    """Which kernels a layer on `device` should run (None: the reference), per NUNCHAKU_BACKEND
+    and NUNCHAKU_W4A4_KERNELS."""
     backend = requested_backend()
     if backend is Backend.REFERENCE:
-        return False
-    problem = sm90_kernel_problem(device, n, k, rank)
+        return None
+    kernels, problem = w4a4_kernel_problem(device, n, k, rank, requested_w4a4_kernels())
     if backend is Backend.CUDA and problem is not None:
         raise RuntimeError(f"NUNCHAKU_BACKEND=cuda, but {problem}")
-    return problem is None
+    return kernels
 
 
 def w4a4_linear(
@@ -85,14 +119,16 @@ def w4a4_linear(
 
 
 def use_triton_w4a16(x: torch.Tensor, group_size: int) -> bool:
-    """Whether a W4A16 call on x goes to the Triton GEMV (a few rows on a CUDA GPU with triton)
-    rather than the reference, per NUNCHAKU_BACKEND. There is no W4A16 GEMM kernel for many rows
-    yet, so those run the reference under every backend."""
+    """Whether a W4A16 call on x goes to the Triton kernels (a GEMV for a few rows, a GEMM for
+    many; CUDA GPU with triton) rather than the reference, per NUNCHAKU_BACKEND."""
     if requested_backend() is Backend.REFERENCE:
         return False
     from .w4a16_triton import triton_problem
 
-    return triton_problem(x, group_size) is None
+    problem = triton_problem(x, group_size)
+    if requested_backend() is Backend.CUDA and problem is not None and x.is_cuda:
+        raise RuntimeError(f"NUNCHAKU_BACKEND=cuda, but the W4A16 kernels cannot run: {problem}")
+    return problem is None
 
 
 def w4a16_linear(
@@ -105,7 +141,7 @@ def w4a16_linear(
 ) -> torch.Tensor:
     """Weight-only 4-bit linear on x [M, K] -> [M, N] in x.dtype."""
     if use_triton_w4a16(x, group_size):
-        from .w4a16_triton import w4a16_gemv
+        from .w4a16_triton import w4a16_triton
 
-        return w4a16_gemv(x, qweight_packed, wscales, wzeros, bias)
+        return w4a16_triton(x, qweight_packed, wscales, wzeros, bias)
     return reference.w4a16_gemm(x, qweight_packed, wscales, wzeros, bias, group_size)

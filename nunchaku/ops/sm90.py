@@ -10,38 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from nunchaku.ops.extension import extension_available, fake_for, load_extension  # noqa: F401
 from nunchaku.ops.sm90_layout import GROUP, scale_rows_padded
-
-_EXT_LOADED = False
-# torch.library.register_fake needs the op to exist, and the ops exist only once nunchaku._C is
-# loaded; so each fake below is recorded by `_fake_for` and registered by `_load_extension`.
-_PENDING_FAKES: list[tuple[str, object]] = []
-
-
-def _fake_for(qualname: str):
-    def record(fn):
-        _PENDING_FAKES.append((qualname, fn))
-        return fn
-
-    return record
-
-
-def _load_extension() -> None:
-    """Import nunchaku._C (which registers torch.ops.nunchaku.*) and the fakes, once."""
-    global _EXT_LOADED
-    if _EXT_LOADED:
-        return
-    try:
-        import nunchaku._C  # noqa: F401  (registers torch.ops.nunchaku.*)
-    except ImportError as exc:
-        raise RuntimeError(
-            "nunchaku._C is not built: the sm_90 W4A4 kernels need the CUDA extension "
-            "(build it with `python benchmarks/build_ext.py` on a machine with nvcc >= 12.3), "
-            f"or use the reference path in nunchaku.ops.sm90_layout. Import error: {exc}"
-        ) from exc
-    for qualname, fn in _PENDING_FAKES:
-        torch.library.register_fake(qualname)(fn)
-    _EXT_LOADED = True
 
 
 def w4a4_quantize_act_sm90(
@@ -51,7 +21,7 @@ def w4a4_quantize_act_sm90(
 
     Returns ``(act_codes uint8 [M, K] (e4m3 bytes), act_scales fp32 [K/64, M_pad], lora_act fp32 [M, R])``.
     """
-    _load_extension()
+    load_extension()
     # The kernel reads rows with 4-byte loads: it needs a unit inner stride and aligned rows.
     # torch.compile cannot trace data_ptr(); there the op's own check names a misaligned x.
     if x.stride(-1) != 1 or x.stride(0) % 2 or (not torch.compiler.is_compiling() and x.data_ptr() % 4):
@@ -64,12 +34,11 @@ def w4a4_quantize_act_sm90(
     return act_codes, act_scales, lora_act
 
 
-@_fake_for("nunchaku::w4a4_quantize_act_sm90")
+@fake_for("nunchaku::w4a4_quantize_act_sm90")
 def _w4a4_quantize_act_sm90_fake(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act) -> None:
     torch._check(x.dim() == 2 and x.shape[1] % GROUP == 0)
     torch._check(act_codes.shape == x.shape)
     torch._check(lora_act.shape[0] == x.shape[0] and lora_act.shape[1] == lora_down.shape[1])
-    return None
 
 
 def w4a4_gemm_sm90(
@@ -85,17 +54,16 @@ def w4a4_gemm_sm90(
 
     Returns ``y [M, N]`` in lora_up's dtype (bf16 or fp16).
     """
-    _load_extension()
+    load_extension()
     out = torch.empty((act_codes.shape[0], lora_up.shape[0]), dtype=lora_up.dtype, device=act_codes.device)
     torch.ops.nunchaku.w4a4_gemm_sm90(act_codes, act_scales, wcodes_packed, wscales_packed, lora_act, lora_up, bias, out)
     return out
 
 
-@_fake_for("nunchaku::w4a4_gemm_sm90")
+@fake_for("nunchaku::w4a4_gemm_sm90")
 def _w4a4_gemm_sm90_fake(act_codes, act_scales, wcodes_packed, wscales_packed, lora_act, lora_up, bias, out) -> None:
     torch._check(out.shape[0] == act_codes.shape[0] and out.shape[1] == lora_up.shape[0])
     torch._check(out.dtype == lora_up.dtype)
-    return None
 
 
 def w4a4_linear_sm90(
@@ -111,12 +79,3 @@ def w4a4_linear_sm90(
     """The whole SVDQuant W4A4 linear on sm_90: quantize (+ low-rank down) then GEMM (+ up, bias)."""
     act_codes, act_scales, lora_act = w4a4_quantize_act_sm90(x, smooth, lora_down, act_unsigned)
     return w4a4_gemm_sm90(act_codes, act_scales, wcodes_packed, wscales_packed, lora_act, lora_up, bias)
-
-
-def extension_available() -> bool:
-    """True when nunchaku._C imports (the ops are registered); never touches the GPU."""
-    try:
-        _load_extension()
-    except RuntimeError:
-        return False
-    return True

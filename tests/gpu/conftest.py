@@ -1,15 +1,35 @@
+"""Fixtures that skip a GPU test, saying why, where its kernels cannot run. A module opts in with
+``pytestmark = pytest.mark.usefixtures("needs_sm90")`` (or ``needs_sm80_kernels``, ``needs_cuda``)."""
+
 import pytest
 import torch
 
-SKIP_REASON = "needs an sm_90 GPU (H100/H200) and the built nunchaku._C extension"
+SM90_REASON = "needs an sm_90 GPU (H100/H200) and the built nunchaku._C extension"
+SM80_REASON = ("needs an sm_80..sm_90 GPU (A100/RTX 30xx/40xx, or an H100 in emulation) and the built "
+               "nunchaku._C extension")
 
 
-@pytest.fixture(autouse=True)
-def _needs_sm90():
-    """Every test here runs the Hopper kernels; elsewhere they skip, saying why."""
-    from nunchaku.ops import sm90
+def _extension_built() -> bool:
+    from nunchaku.ops.extension import extension_available
 
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip(SKIP_REASON)
-    if not sm90.extension_available():
-        pytest.skip(SKIP_REASON)
+    return extension_available()
+
+
+@pytest.fixture
+def needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible)")
+
+
+@pytest.fixture
+def needs_sm90():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not _extension_built():
+        pytest.skip(SM90_REASON)
+
+
+@pytest.fixture
+def needs_sm80_kernels():
+    if not torch.cuda.is_available() or not (8, 0) <= torch.cuda.get_device_capability() <= (9, 0):
+        pytest.skip(SM80_REASON)
+    if not _extension_built():
+        pytest.skip(SM80_REASON)

@@ -12,6 +12,8 @@ from nunchaku.nn import SVDQW4A4Linear
 from nunchaku.nn.linear import WeightLayout
 from nunchaku.quant.svdquant import svdquant_decompose
 
+pytestmark = pytest.mark.usefixtures("needs_sm90")
+
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -1,15 +1,17 @@
-"""GPU tests of the sm_90a W4A4 ops against the references in nunchaku.ops.sm90_layout.
-
-Error measure: ||out - ref|| / ||ref|| with ref in float64. The kernel accumulates in fp32 and
-rounds once to the output dtype, so its error is essentially that one rounding: we require it
-to be within 10% (+1e-6) of the error of the float64 reference rounded to the same dtype, and
-under a fixed bound (bf16: 4e-3, fp16: 5e-4).
-"""
+"""GPU tests of the sm_90a W4A4 ops against the references in nunchaku.ops.sm90_layout (error
+measure: tests/gpu/w4a4_helpers.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from w4a4_helpers import (
+    FLUX_KN,
+    check_close,
+    check_cuda_graph_replay,
+    random_layer,
+    rel_err,
+)
 
 from nunchaku.ops import sm90
 from nunchaku.ops.sm90_layout import (
@@ -19,25 +21,13 @@ from nunchaku.ops.sm90_layout import (
     scale_rows_padded,
 )
 
-FLUX_KN = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]
-BOUND = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.to(torch.float64), ref.to(torch.float64)
-    return ((out64 - ref64).norm() / ref64.norm()).item()
+pytestmark = pytest.mark.usefixtures("needs_sm90")
 
 
 def make_layer(k: int, n: int, r: int, dtype: torch.dtype, gen: torch.Generator):
-    dev = "cuda"
-    wcodes = torch.randint(-8, 8, (n, k), generator=gen, device=dev, dtype=torch.int8)
-    wscales = (torch.rand(n, k // 64, generator=gen, device=dev) * 0.02 + 0.001).to(dtype)
-    smooth = (torch.rand(k, generator=gen, device=dev) + 0.5).to(dtype)
-    lora_down = (torch.randn(k, r, generator=gen, device=dev) / k**0.5).to(dtype)
-    lora_up = (torch.randn(n, r, generator=gen, device=dev) * 0.1).to(dtype)
-    bias = torch.randn(n, generator=gen, device=dev).to(dtype)
-    wp, wsp = pack_weights_sm90(wcodes, wscales)
-    return dict(smooth=smooth, lora_down=lora_down, lora_up=lora_up, bias=bias, wp=wp, wsp=wsp)
+    layer = random_layer(k, n, r, dtype, gen)
+    layer["wp"], layer["wsp"] = pack_weights_sm90(layer.pop("wcodes"), layer.pop("wscales"))
+    return layer
 
 
 def run_quantize(x, smooth, lora_down, act_unsigned):
@@ -54,14 +44,6 @@ def run_gemm(codes, scales, wp, wsp, lora_act, lora_up, bias):
     out = torch.full((codes.shape[0], lora_up.shape[0]), float("nan"), device=codes.device, dtype=lora_up.dtype)
     torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, wp, wsp, lora_act, lora_up, bias, out)
     return out
-
-
-def check_close(out, exact, dtype, what):
-    assert torch.isfinite(out).all(), f"{what}: non-finite output (unwritten or NaN)"
-    err = rel_err(out, exact)
-    err_round = rel_err(exact.to(dtype), exact)
-    assert err <= 1.1 * err_round + 1e-6 and err <= BOUND[dtype], f"{what}: rel err {err:.3e} (rounding {err_round:.3e})"
-    return err
 
 
 @pytest.mark.parametrize("act_unsigned", [False, True])
@@ -164,18 +146,4 @@ def test_cuda_graph_capture():
     layer = make_layer(3072, 3072, 32, torch.bfloat16, gen)
     x = torch.randn(200, 3072, generator=gen, device="cuda").to(torch.bfloat16)
     args = (layer["smooth"], layer["lora_down"], layer["wp"], layer["wsp"], layer["lora_up"], layer["bias"])
-    eager = sm90.w4a4_linear_sm90(x, *args)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        sm90.w4a4_linear_sm90(x, *args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = sm90.w4a4_linear_sm90(x, *args)
-    x.copy_(torch.randn(200, 3072, generator=gen, device="cuda").to(torch.bfloat16))
-    graph.replay()
-    torch.cuda.synchronize()
-    expect = sm90.w4a4_linear_sm90(x, *args)
-    assert torch.equal(captured, expect)
-    assert not torch.equal(captured, eager)
+    check_cuda_graph_replay(lambda t: sm90.w4a4_linear_sm90(t, *args), x, gen)

@@ -1,81 +1,16 @@
-// Epilogue of the sm_90 W4A4 GEMM: y = acc + lora_act @ lora_up^T + bias, rounded once.
-//
-// The wgmma m64nN accumulator of each warp is 16 rows x N, laid out as N/8 mma.sync m16n8 C
-// fragments, so the rank-R up projection runs as mma.sync m16n8k16 straight into the main
-// accumulator registers. lora_act is fp32; it is split into a 16-bit high part and a 16-bit
-// residual (two MMAs), which keeps the branch at ~fp32 accuracy for the cost of R/8 extra
-// mma.sync per n8 block.
+// Epilogue of the sm_90 W4A4 GEMM: each consumer warp's 16 x 128 slice of the wgmma
+// accumulator goes through the shared low-rank + bias + store epilogue (../lowrank_epilogue.cuh).
 #pragma once
 
-#include "../dtype.cuh"
-#include "../ptx.cuh"
+#include "../lowrank_epilogue.cuh"
 #include "config.cuh"
 
 namespace nunchaku::w4a4::sm90 {
 
-struct EpilogueParams {
-  const float* lora_act;   // [M, R] fp32
-  const void* lora_up;     // [N, R] out dtype
-  const void* bias;        // [N] out dtype
-  void* out;               // [M, N] out dtype
-  int M, N, R;
-};
-
 template <bool kBf16>
 __device__ __forceinline__ void epilogue(const EpilogueParams& p, int m0, int n0, int wg, float (&acc)[64]) {
-  using H = Half2<kBf16>;
-  const int tid = threadIdx.x % 128;
-  const int warp = tid / 32, lane = tid % 32;
-  const int row_a = m0 + wg * 64 + warp * 16 + lane / 4;
-  const int row_b = row_a + 8;
-  const bool va = row_a < p.M, vb = row_b < p.M;
-  const int kq = 2 * (lane % 4);
-  const uint16_t* up = static_cast<const uint16_t*>(p.lora_up);
-
-  for (int r0 = 0; r0 < p.R; r0 += 16) {
-    float2 la[2], lb[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      la[h] = va ? __ldg(reinterpret_cast<const float2*>(p.lora_act + static_cast<int64_t>(row_a) * p.R + r0 + kq + 8 * h))
-                 : make_float2(0.f, 0.f);
-      lb[h] = vb ? __ldg(reinterpret_cast<const float2*>(p.lora_act + static_cast<int64_t>(row_b) * p.R + r0 + kq + 8 * h))
-                 : make_float2(0.f, 0.f);
-    }
-    uint32_t a_hi[4], a_lo[4];
-    const float2* src[4] = {&la[0], &lb[0], &la[1], &lb[1]};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float x0 = src[i]->x, x1 = src[i]->y;
-      const float h0 = H::round_trip(x0), h1 = H::round_trip(x1);
-      a_hi[i] = H::pack(h0, h1);
-      a_lo[i] = H::pack(x0 - h0, x1 - h1);
-    }
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      const int n = n0 + 8 * j + lane / 4;
-      const uint32_t* up_row = reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(n) * p.R + r0);
-      const uint32_t b0 = __ldg(up_row + kq / 2);
-      const uint32_t b1 = __ldg(up_row + kq / 2 + 4);
-      float c[4] = {acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]};
-      ptx::mma_m16n8k16<kBf16>(c, a_hi, b0, b1);
-      ptx::mma_m16n8k16<kBf16>(c, a_lo, b0, b1);
-      acc[4 * j] = c[0];
-      acc[4 * j + 1] = c[1];
-      acc[4 * j + 2] = c[2];
-      acc[4 * j + 3] = c[3];
-    }
-  }
-
-  const uint32_t* bias = static_cast<const uint32_t*>(p.bias);
-  uint32_t* out_a = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + static_cast<int64_t>(row_a) * p.N);
-  uint32_t* out_b = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + static_cast<int64_t>(row_b) * p.N);
-#pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) {
-    const int n = n0 + 8 * j + kq;
-    const float2 b = H::to_float2(__ldg(bias + n / 2));
-    if (va) out_a[n / 2] = H::pack(acc[4 * j] + b.x, acc[4 * j + 1] + b.y);
-    if (vb) out_b[n / 2] = H::pack(acc[4 * j + 2] + b.x, acc[4 * j + 3] + b.y);
-  }
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  lowrank_bias_store<kBf16, kBlockN / 8>(p, m0 + wg * 64 + warp * 16 + lane / 4, n0, acc);
 }
 
 }  // namespace nunchaku::w4a4::sm90

@@ -23,6 +23,9 @@ namespace {
 template <bool kBf16>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a4_gemm_kernel(const __grid_constant__ CUtensorMap act_map, const MainloopParams mp, const EpilogueParams ep) {
+  // wgmma, setmaxnreg and TMA exist only on sm_90a; the library also carries the Ampere/Ada
+  // targets, for which this kernel is empty (gemm_sm90 refuses other GPUs before launching).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // The kernel has no static shared memory, so the dynamic block starts at the base of the
   // CTA's shared window (1024-byte aligned, as the 128-byte swizzle needs). Using smem_raw
   // directly (no integer round-up) keeps the compiler aware that every access is shared
@@ -56,6 +59,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     consumer_mainloop(sm, mp, wg - 1, acc);
     epilogue<kBf16>(ep, m0, n0, wg - 1, acc);
   }
+#endif
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
@@ -98,17 +102,6 @@ void launch(const CUtensorMap& map, const MainloopParams& mp, const EpiloguePara
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_tensor(const at::Tensor& t, const char* name, const at::Device& dev, at::ScalarType dtype,
-                  std::initializer_list<int64_t> expected) {
-  constexpr const char* op = "w4a4_gemm_sm90";
-  TORCH_CHECK(t.device() == dev, op, ": ", name, " must be on ", dev.str(), ", got ", t.device().str());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes().equals(expected), op, ": ", name, " must have shape ", shape(expected), ", got ",
-              shape(t.sizes()));
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name, " must be 16-byte aligned");
-}
-
 }  // namespace
 }  // namespace nunchaku::w4a4::sm90
 
@@ -135,14 +128,15 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   TORCH_CHECK(R % 16 == 0 && R >= 16, op, ": rank R = ", num(R), " must be a positive multiple of 16");
   const int64_t m_pad = (M + kBlockM - 1) / kBlockM * kBlockM;
   const auto dev = out.device();
-  check_tensor(act_codes, "act_codes", dev, at::kByte, {M, K});
-  check_tensor(act_scales, "act_scales", dev, at::kFloat, {K / 64, m_pad});
-  check_tensor(wcodes_packed, "wcodes_packed", dev, at::kByte, {N / kBlockN, KT, kBlockN, kBlockK / 2});
-  check_tensor(wscales_packed, "wscales_packed", dev, out.scalar_type(), {2 * KT, N});
-  check_tensor(lora_act, "lora_act", dev, at::kFloat, {M, R});
-  check_tensor(lora_up, "lora_up", dev, out.scalar_type(), {N, R});
-  check_tensor(bias, "bias", dev, out.scalar_type(), {N});
-  check_tensor(out, "out", dev, out.scalar_type(), {M, N});
+  check_device_arch(op, dev, 90, 90, "a Hopper GPU (sm_90)");
+  check_operand(op, act_codes, "act_codes", dev, at::kByte, {M, K});
+  check_operand(op, act_scales, "act_scales", dev, at::kFloat, {K / 64, m_pad});
+  check_operand(op, wcodes_packed, "wcodes_packed", dev, at::kByte, {N / kBlockN, KT, kBlockN, kBlockK / 2});
+  check_operand(op, wscales_packed, "wscales_packed", dev, out.scalar_type(), {2 * KT, N});
+  check_operand(op, lora_act, "lora_act", dev, at::kFloat, {M, R});
+  check_operand(op, lora_up, "lora_up", dev, out.scalar_type(), {N, R});
+  check_operand(op, bias, "bias", dev, out.scalar_type(), {N});
+  check_operand(op, out, "out", dev, out.scalar_type(), {M, N});
   TORCH_CHECK(M <= INT32_MAX / 2 && N * K <= INT32_MAX * int64_t{8}, op, ": problem too large");
   if (M == 0) return;
 

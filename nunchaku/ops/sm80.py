@@ -1,0 +1,79 @@
+"""Python entry points of the Ampere/Ada (sm_80/86/89) W4A4 kernels: INT4 tensor cores.
+
+Thin wrappers over ``torch.ops.nunchaku.w4a4_*_sm80`` with fakes for torch.compile, as in
+:mod:`nunchaku.ops.sm90`. Tensor layouts: :mod:`nunchaku.ops.sm80_layout`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nunchaku.ops.extension import fake_for, load_extension
+from nunchaku.ops.sm90_layout import GROUP, scale_rows_padded
+
+
+def w4a4_quantize_act_sm80(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, act_unsigned: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Smooth + quantize x [M, K] per (token, 64-channel group), and compute x @ lora_down.
+
+    Returns ``(act_codes uint8 [M, K/2] (nibble pairs), act_scales fp32 [K/64, M_pad], lora_act fp32 [M, R])``.
+    """
+    load_extension()
+    if x.stride(-1) != 1 or x.stride(0) % 2 or (not torch.compiler.is_compiling() and x.data_ptr() % 4):
+        x = x.contiguous()
+    m, k = x.shape
+    act_codes = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+    act_scales = torch.empty((k // GROUP, scale_rows_padded(m)), dtype=torch.float32, device=x.device)
+    lora_act = torch.empty((m, lora_down.shape[1]), dtype=torch.float32, device=x.device)
+    torch.ops.nunchaku.w4a4_quantize_act_sm80(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act)
+    return act_codes, act_scales, lora_act
+
+
+@fake_for("nunchaku::w4a4_quantize_act_sm80")
+def _w4a4_quantize_act_sm80_fake(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act) -> None:
+    torch._check(x.dim() == 2 and x.shape[1] % GROUP == 0)
+    torch._check(act_codes.shape[0] == x.shape[0] and act_codes.shape[1] * 2 == x.shape[1])
+    torch._check(lora_act.shape[0] == x.shape[0] and lora_act.shape[1] == lora_down.shape[1])
+
+
+def w4a4_gemm_sm80(
+    act_codes: torch.Tensor,
+    act_scales: torch.Tensor,
+    wcodes: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """W4A4 GEMM on the INT4 tensor cores with the low-rank up projection and bias fused.
+
+    Returns ``y [M, N]`` in lora_up's dtype (bf16 or fp16).
+    """
+    load_extension()
+    out = torch.empty((act_codes.shape[0], lora_up.shape[0]), dtype=lora_up.dtype, device=act_codes.device)
+    torch.ops.nunchaku.w4a4_gemm_sm80(act_codes, act_scales, wcodes, wscales, lora_act, lora_up, bias,
+                                      act_unsigned, out)
+    return out
+
+
+@fake_for("nunchaku::w4a4_gemm_sm80")
+def _w4a4_gemm_sm80_fake(act_codes, act_scales, wcodes, wscales, lora_act, lora_up, bias, act_unsigned, out) -> None:
+    torch._check(out.shape[0] == act_codes.shape[0] and out.shape[1] == lora_up.shape[0])
+    torch._check(out.dtype == lora_up.dtype)
+
+
+def w4a4_linear_sm80(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    wcodes: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """The whole SVDQuant W4A4 linear on the INT4 tensor cores: quantize (+ low-rank down) then GEMM."""
+    act_codes, act_scales, lora_act = w4a4_quantize_act_sm80(x, smooth, lora_down, act_unsigned)
+    return w4a4_gemm_sm80(act_codes, act_scales, wcodes, wscales, lora_act, lora_up, bias, act_unsigned)
