@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: build nunchaku._C for sm_90a, smoke-test, run the GPU tests, benchmark.
+# One device call: build nunchaku._C for sm_90a, smoke-test, run the GPU tests, benchmark
+# (benchmarks/gemm.py: the W4A4 layer; benchmarks/w4a16.py: the W4A16 kernels).
 # Logs go to $OUT (the device tool brings that folder back, also when a step fails).
 # Usage (repo root, on the GPU machine):
 #   bash benchmarks/device_run.sh [--quick] [--no-tests] [--no-bench] [--ncu]
@@ -77,7 +78,7 @@ for probe in gemm_wscales gemm_wscales_dtype gemm_dtype quant_k quant_rank; do
 import sys, torch
 from nunchaku.ops import sm90
 from nunchaku.ops.sm90_layout import pack_weights_sm90
-sm90._load_extension()
+sm90.load_extension()
 probe = sys.argv[1]
 x = torch.randn(8, 256, device="cuda").bfloat16()
 smooth = torch.ones(256, device="cuda").bfloat16()
@@ -108,7 +109,8 @@ done
 if [ "$RUN_TESTS" -eq 1 ]; then
   # The argument-check test runs in its own process: a crash there must not hide the others.
   timeout 400 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/gpu -k "not rejects" 2>&1 | tee "$OUT/tests.log" | tail -25
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_w4a4_sm90.py -k "rejects" 2>&1 | tee -a "$OUT/tests.log" | tail -3
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_w4a4_sm90.py tests/gpu/test_w4a4_sm80.py \
+    -k "rejects" 2>&1 | tee -a "$OUT/tests.log" | tail -3
 fi
 
 if [ "$RUN_NCU" -eq 1 ]; then
@@ -120,6 +122,7 @@ fi
 
 if [ "$RUN_BENCH" -eq 1 ]; then
   timeout 400 python3 benchmarks/gemm.py "${BENCH_ARGS[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -E "^\||unavailable|Error|error"
+  timeout 200 python3 benchmarks/w4a16.py --json "$OUT/w4a16.json" 2>&1 | tee "$OUT/w4a16.log" | grep -E "^\||T5|Error|error"
 fi
 
 if [ "$RUN_ABLATE" -eq 1 ]; then

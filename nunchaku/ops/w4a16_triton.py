@@ -1,4 +1,5 @@
-"""W4A16 GEMV for a few rows (the AdaLN modulation linears: one row per image), in Triton.
+"""W4A16 kernels in Triton: a GEMV for a few rows (the AdaLN modulation linears: one row per
+image) and a tensor-core GEMM for many (the T5 encoder: 512 tokens a prompt).
 
 y[m, n] = sum_g ( s[n,g] * sum_{k in g} x[m,k] q[n,k]  +  z[n,g] * sum_{k in g} x[m,k] ) + b[n]
 
@@ -6,8 +7,10 @@ which is x·Wᵀ + b with W = q·s + z (nunchaku.quant.int4, asymmetric uint4) w
 materializing W: the weights are read once, as packed nibbles (uint8 [N, K/2], byte b = codes
 2b (low) and 2b+1 (high)), and everything accumulates in fp32. The reference path dequantizes
 all of W on every call instead (on FLUX.1 12B: 3.2 B weights a step, ~40 ms of elementwise
-work). Registered as the torch op nunchaku::w4a16_gemv with a fake, so torch.compile treats it
-as one opaque call. Rows beyond MAX_ROWS go to the reference (a GEMM, not a GEMV, is needed there).
+work). The GEMM feeds the codes themselves to the tensor cores (0..15 is exact in bf16/fp16, so
+each group's dot product is exact in fp32) and applies s and z per 64-wide group, which keeps
+its result as exact as the GEMV's. Registered as the torch ops nunchaku::w4a16_gemv and
+nunchaku::w4a16_gemm with fakes, so torch.compile treats each as one opaque call.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ BLOCK_N = 64
 
 
 def triton_problem(x: torch.Tensor, group_size: int) -> str | None:
-    """Why the Triton GEMV cannot take this call, or None if it can."""
+    """Why the Triton kernels cannot take this call, or None if they can."""
     if not x.is_cuda:
         return "x is not on a CUDA GPU"
-    if x.shape[0] > MAX_ROWS:
-        return f"{x.shape[0]} rows > {MAX_ROWS} (a GEMM, not a GEMV)"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"x is {x.dtype} (the kernels take bfloat16 or float16)"
     if group_size != GROUP:
         return f"group size {group_size} (the kernel is written for {GROUP})"
     try:
@@ -74,12 +77,10 @@ def w4a16_gemv(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Ten
                bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) -> [M, N] in x.dtype; see the module docstring for the layout."""
     global _KERNEL
+    _check_w4a16_shapes("w4a16_gemv", x, qweight_packed, wscales, wzeros)
     m, k = x.shape
     n = qweight_packed.shape[0]
     g = wscales.shape[1]
-    if qweight_packed.shape != (n, k // 2) or wscales.shape != (n, k // GROUP) or wzeros.shape != wscales.shape:
-        raise ValueError(f"w4a16_gemv: expected qweight [N, K/2], scales and zeros [N, K/{GROUP}] for K={k}, got "
-                         f"{list(qweight_packed.shape)}, {list(wscales.shape)}, {list(wzeros.shape)}")
     if _KERNEL is None:
         _KERNEL = _kernel()
     x = x.contiguous()
@@ -98,3 +99,86 @@ def _(x, qweight_packed, wscales, wzeros, bias):
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+GEMM_BLOCK_M = 64
+GEMM_BLOCK_N = 128
+
+
+def _gemm_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def w4a16_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_ym,
+                          HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(0)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = m < M
+        n_ok = n < N
+        k = tl.arange(0, 2 * HALF)
+        j = tl.arange(0, HALF)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in tl.range(0, G, num_stages=3):
+            x = tl.load(x_ptr + m[:, None] * stride_xm + g * 2 * HALF + k[None, :], mask=m_ok[:, None], other=0.0)
+            packed = tl.load(q_ptr + n[:, None] * (K // 2) + g * HALF + j[None, :], mask=n_ok[:, None], other=0)
+            # [BLOCK_N, HALF, 2] -> [BLOCK_N, 2*HALF]: channel 2j from the low nibble, 2j+1 from the high.
+            codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, 2 * HALF)).to(x.dtype)
+            dot = tl.dot(x, tl.trans(codes))  # exact: integer codes times 16-bit x, fp32 sums
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            s = tl.load(s_ptr + n * G + g, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + n * G + g, mask=n_ok, other=0.0).to(tl.float32)
+            acc += dot * s[None, :] + x_sum[:, None] * z[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    return w4a16_gemm_kernel
+
+
+_GEMM_KERNEL = None
+
+
+@torch.library.custom_op("nunchaku::w4a16_gemm", mutates_args=())
+def w4a16_gemm(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, any M) -> [M, N] in x.dtype; layouts as for w4a16_gemv."""
+    global _GEMM_KERNEL
+    _check_w4a16_shapes("w4a16_gemm", x, qweight_packed, wscales, wzeros)
+    if _GEMM_KERNEL is None:
+        _GEMM_KERNEL = _gemm_kernel()
+    m, k = x.shape
+    n = qweight_packed.shape[0]
+    x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton_cdiv(n, GEMM_BLOCK_N), triton_cdiv(m, GEMM_BLOCK_M))
+    _GEMM_KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
+                       bias if bias is not None else y, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
+                       HAS_BIAS=bias is not None, HALF=GROUP // 2, BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N,
+                       num_warps=4)
+    return y
+
+
+@w4a16_gemm.register_fake
+def _(x, qweight_packed, wscales, wzeros, bias):
+    return x.new_empty((x.shape[0], qweight_packed.shape[0]))
+
+
+def _check_w4a16_shapes(op: str, x, qweight_packed, wscales, wzeros) -> None:
+    k = x.shape[1]
+    n = qweight_packed.shape[0]
+    if qweight_packed.shape != (n, k // 2) or wscales.shape != (n, k // GROUP) or wzeros.shape != wscales.shape:
+        raise ValueError(f"{op}: expected qweight [N, K/2], scales and zeros [N, K/{GROUP}] for K={k}, got "
+                         f"{list(qweight_packed.shape)}, {list(wscales.shape)}, {list(wzeros.shape)}")
+
+
+def w4a16_triton(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """The GEMV for up to MAX_ROWS rows, the GEMM beyond."""
+    if x.shape[0] <= MAX_ROWS:
+        return w4a16_gemv(x, qweight_packed, wscales, wzeros, bias)
+    return w4a16_gemm(x, qweight_packed, wscales, wzeros, bias)

@@ -1,5 +1,5 @@
-"""The Triton W4A16 GEMV (nunchaku::w4a16_gemv) against the reference, as an op and inside the
-module, opcheck, and the choice between it and the reference."""
+"""The Triton W4A16 GEMV and GEMM (nunchaku::w4a16_gemv, nunchaku::w4a16_gemm) against the
+reference, as ops and inside the module, opcheck, and the choice between them and the reference."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import torch
 from nunchaku import ops
 from nunchaku.nn import AWQW4A16Linear
 from nunchaku.ops import reference
-from nunchaku.ops.w4a16_triton import MAX_ROWS, w4a16_gemv
+from nunchaku.ops.w4a16_triton import MAX_ROWS, w4a16_gemm, w4a16_gemv
 from nunchaku.quant.awq import quantize_w4a16
 from nunchaku.quant.int4 import pack_int4_nibbles
+
+pytestmark = pytest.mark.usefixtures("needs_cuda")
+pytest.importorskip("triton", reason="the W4A16 kernels are Triton kernels: triton is not installed")
 
 
 def layer(n: int, k: int, dtype, bias: bool, seed: int = 0):
@@ -36,17 +39,31 @@ def test_gemv_matches_the_reference(m, k, n, dtype):
     assert err <= 1.1 * rounding + 1e-6, (err.item(), rounding.item())  # one rounding of the output
 
 
-def test_module_uses_it_for_few_rows_and_the_reference_for_many(monkeypatch):
+@pytest.mark.parametrize("m,k,n", [(MAX_ROWS + 1, 4096, 10240), (512, 4096, 4096), (300, 192, 130), (1, 256, 384)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_matches_the_reference(m, k, n, dtype):
+    """The T5-XXL shapes (512 tokens, d_model 4096, d_ff 10240), M and N tails."""
+    qp, s, z, b = layer(n, k, dtype, bias=n % 2 == 0, seed=m)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    y = w4a16_gemm(x, qp, s, z, b)
+    exact = reference.w4a16_gemm(x.float(), qp, s, z, b, 64).double()
+    rounding = (exact.to(dtype).double() - exact).norm() / exact.norm()
+    err = (y.double() - exact).norm() / exact.norm()
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert err <= 1.1 * rounding + 1e-6, (err.item(), rounding.item())
+
+
+def test_module_uses_the_kernels_for_few_and_many_rows(monkeypatch):
     qp, s, z, b = layer(384, 256, torch.bfloat16, bias=True)
-    few = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
-    many = torch.randn(MAX_ROWS + 1, 256, device="cuda", dtype=torch.bfloat16)
-    assert ops.use_triton_w4a16(few, 64) and not ops.use_triton_w4a16(many, 64)
-    monkeypatch.setenv("NUNCHAKU_BACKEND", "reference")
-    assert not ops.use_triton_w4a16(few, 64)
-    ref = ops.w4a16_linear(few, qp, s, z, b, 64)
-    monkeypatch.delenv("NUNCHAKU_BACKEND")
-    fast = ops.w4a16_linear(few, qp, s, z, b, 64)
-    assert ((fast.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    for rows in (3, MAX_ROWS + 1, 600):
+        x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+        assert ops.use_triton_w4a16(x, 64)
+        monkeypatch.setenv("NUNCHAKU_BACKEND", "reference")
+        assert not ops.use_triton_w4a16(x, 64)
+        ref = ops.w4a16_linear(x, qp, s, z, b, 64)
+        monkeypatch.delenv("NUNCHAKU_BACKEND")
+        fast = ops.w4a16_linear(x, qp, s, z, b, 64)
+        assert ((fast.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
 def test_opcheck_and_compile():
@@ -54,6 +71,11 @@ def test_opcheck_and_compile():
     x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.nunchaku.w4a16_gemv, (x, qp, s, z, b))
     torch.library.opcheck(torch.ops.nunchaku.w4a16_gemv, (x, qp, s, z, None))
+    many = torch.randn(40, 128, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.nunchaku.w4a16_gemm, (many, qp, s, z, b))
+    torch.library.opcheck(torch.ops.nunchaku.w4a16_gemm, (many, qp, s, z, None))
+    compiled_many = torch.compile(lambda t: ops.w4a16_linear(t, qp, s, z, b, 64), fullgraph=True)
+    assert torch.equal(compiled_many(many), w4a16_gemm(many, qp, s, z, b))
     compiled = torch.compile(lambda t: ops.w4a16_linear(t, qp, s, z, b, 64), fullgraph=True)
     assert torch.equal(compiled(x), w4a16_gemv(x, qp, s, z, b))
 
@@ -63,6 +85,8 @@ def test_bad_shapes_are_refused():
     x = torch.randn(2, 192, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="w4a16_gemv: expected qweight"):
         w4a16_gemv(x, qp, s, z, b)
+    with pytest.raises(ValueError, match="w4a16_gemm: expected qweight"):
+        w4a16_gemm(torch.randn(64, 192, device="cuda", dtype=torch.bfloat16), qp, s, z, b)
 
 
 def test_awq_module_on_the_gpu_matches_the_cpu():
