@@ -5,19 +5,29 @@
 //       generic tensor utilities, opcheck included, can handle the tensor),
 //       for the sm_80 GEMM (INT4 tensor cores) as nibbles, two per byte, uint8 [M, K/2],
 //   - writes the per-(group, token) fp32 scales,
-//   - and computes the rank-R down projection x @ lora_down from the same registers (tensor
-//     cores, mma.sync m16n8k16), so the low-rank branch costs no second read of x.
+//   - and computes the rank-R down projection x @ lora_down from the same shared-memory copy of
+//     x (tensor cores, mma.sync m16n8k16), so the low-rank branch costs no second read of x.
 //
-// Work split: a CTA owns 16 tokens (one mma row block); its 8 warps take the K groups
-// g = warp, warp + 8, ...; each thread holds x in the mma A-fragment layout, so the values it
-// quantizes are the values it feeds to the low-rank mma. The 8 per-warp low-rank partial sums
-// are added in a fixed order (deterministic output).
+// Work split: a CTA owns 32 tokens and a range of K groups, which it walks through a
+// kStages-deep cp.async ring of (x tile [32 x 64], lora_down slice [64 x R]); the lora_down slice
+// is shared by the CTA's 32 tokens. On sm_90 the K groups are split over the CTAs of a cluster
+// (gridDim.y of them): with whole rows per CTA there were only M/32 CTAs of 4 warps, about one
+// warp per scheduler, and the kernel was latency-bound; the split gives every SM several CTAs,
+// and the cluster adds the CTAs' low-rank partial sums through distributed shared memory in a
+// fixed order (deterministic, no workspace). Every global access is 16 bytes wide (the previous design, 4-byte x loads and 2-byte
+// code stores in the mma fragment layout, was bound by the count of memory instructions: ncu
+// showed LG throttle and long-scoreboard stalls at 5x the memory floor). Quantization: thread
+// (row = tid / 4, quarter = tid % 4) takes 16 consecutive channels of the group from shared
+// memory and writes their codes as one 16-byte (e4m3) or 8-byte (nibbles) store. Low-rank
+// branch: warp w takes m16 block w % 2 and k16 steps {2, 3} * (w / 2) + {0, 1} of every group
+// for all R columns; the two k halves are added in a fixed order at the end (deterministic).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
 #include <mutex>
 
 #include "check.h"
@@ -28,11 +38,18 @@
 namespace nunchaku::w4a4 {
 namespace {
 
-constexpr int kRowsPerCta = 16;
-constexpr int kWarps = 8;
+constexpr int kRowsPerCta = 32;
+constexpr int kThreads = 128;
+constexpr int kStages = 4;
 constexpr int kMaxRank = 128;
+constexpr int kGroup = 64;
+// Row pitch of the x tile in shared memory, in 16-bit elements: 128 bytes of data + 16 of
+// padding, so that the 8 rows an ldmatrix phase (or a quarter-warp's 16-byte loads) touches
+// fall into distinct banks.
+constexpr int kXPitch = kGroup + 8;
 // Must match the GEMM M tile (sm90/config.cuh kBlockM): it bulk-copies the scales of whole tiles.
 constexpr int kScaleRowPad = 192;
+static_assert(kScaleRowPad % kRowsPerCta == 0, "CTAs must tile M_pad exactly");
 
 enum class CodeFormat { kE4m3Bytes, kInt4Nibbles };
 
@@ -44,183 +61,251 @@ __device__ __forceinline__ float div_rn(float a, float b, float rb) {
   return fmaf(fmaf(-q, b, a), rb, q);
 }
 
-__device__ __forceinline__ uint8_t nibble_pair(float lo, float hi) {
-  return static_cast<uint8_t>((static_cast<int>(lo) & 0xF) | ((static_cast<int>(hi) & 0xF) << 4));
+__device__ __forceinline__ uint32_t nibble_pair(float lo, float hi) {
+  return (static_cast<uint32_t>(static_cast<int>(lo)) & 0xF) | ((static_cast<uint32_t>(static_cast<int>(hi)) & 0xF) << 4);
+}
+
+template <int kRank>
+struct QuantSmem {
+  static constexpr int kLdPitch = kRank + 8;  // lora_down slice row pitch (ldmatrix.trans, no conflicts)
+  uint16_t x[kStages][kRowsPerCta * kXPitch];
+  uint16_t lora_down[kStages][kGroup * kLdPitch];
+  float lora_half[kRowsPerCta][kRank];  // partial sums of the second k half, then of the CTA
+};
+
+template <int kRank>
+__device__ __forceinline__ void load_group(QuantSmem<kRank>& sm, int slot, int g, const uint16_t* __restrict__ x,
+                                           int64_t x_ld, const uint16_t* __restrict__ lora_down, int m0, int M) {
+  const int t = threadIdx.x;
+  // x tile: 32 rows x 8 chunks of 16 bytes; rows past M are zero-filled.
+#pragma unroll
+  for (int i = 0; i < kRowsPerCta * 8 / kThreads; ++i) {
+    const int c = t + kThreads * i;
+    const int row = c / 8, chunk = c % 8;
+    const bool ok = m0 + row < M;
+    ptx::cp_async_16(&sm.x[slot][row * kXPitch + chunk * 8],
+                     x + (ok ? m0 + row : 0) * x_ld + g * kGroup + chunk * 8, ok);
+  }
+  // lora_down rows of the group: 64 x R/8 chunks.
+  constexpr int kChunksPerRow = kRank / 8;
+#pragma unroll
+  for (int i = 0; i < kGroup * kChunksPerRow / kThreads; ++i) {
+    const int c = t + kThreads * i;
+    const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    ptx::cp_async_16(&sm.lora_down[slot][row * QuantSmem<kRank>::kLdPitch + chunk * 8],
+                     lora_down + static_cast<int64_t>(g * kGroup + row) * kRank + chunk * 8, true);
+  }
 }
 
 template <CodeFormat kFormat, bool kBf16, bool kUnsigned, int kRank16>
-__global__ void __launch_bounds__(kWarps * 32, kRank16 <= 2 ? 3 : 1) quantize_act_kernel(
+__global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     const uint16_t* __restrict__ x, int64_t x_ld, const uint16_t* __restrict__ smooth,
     const uint16_t* __restrict__ lora_down, int M, int K, int m_pad, uint8_t* __restrict__ codes,
     float* __restrict__ scales, float* __restrict__ lora_act) {
   using H = Half2<kBf16>;
   constexpr int kRank = kRank16 * 16;
-  constexpr int kNB = kRank / 8;
+  constexpr int kNTiles = kRank / 8;
   constexpr float kQMax = kUnsigned ? 15.f : 7.f;
   constexpr float kQMin = kUnsigned ? 0.f : -8.f;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  auto& sm = *reinterpret_cast<QuantSmem<kRank>*>(smem_raw);
 
-  __shared__ float lora_red[kRowsPerCta][kRank];
-  // Per warp: the [64, R] slice of lora_down for its current group, rows padded by 16 bytes so
-  // the 8 row addresses of an ldmatrix phase fall in distinct banks.
-  constexpr int kLdsRow = kRank + 8;
-  extern __shared__ __align__(16) uint16_t ld_smem[];
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const int m0 = blockIdx.x * kRowsPerCta;
+  const int G = K / kGroup;
+  // This CTA's groups: split `gridDim.y` ways (a cluster along y on sm_90, else gridDim.y == 1).
+  const int groups_per_split = (G + gridDim.y - 1) / gridDim.y;
+  const int g_begin = min(G, static_cast<int>(blockIdx.y) * groups_per_split);
+  const int g_count = min(G, g_begin + groups_per_split) - g_begin;
+  const int q_row = t / 4, quarter = t % 4;
+  const bool row_ok = m0 + q_row < M;
+  const int mb = warp % 2, kh = warp / 2;
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int ra = blockIdx.x * kRowsPerCta + lane / 4;
-  const int rb = ra + 8;
-  const bool va = ra < M, vb = rb < M;
-  const int kq = 2 * (lane % 4);
-  const int G = K / 64;
-
-  float lacc[kNB][4];
+  float lacc[kNTiles][4];
 #pragma unroll
-  for (int i = 0; i < kNB; ++i)
+  for (int i = 0; i < kNTiles; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) lacc[i][j] = 0.f;
 
-  const uint32_t* xa_row = reinterpret_cast<const uint32_t*>(x + (va ? ra : 0) * x_ld);
-  const uint32_t* xb_row = reinterpret_cast<const uint32_t*>(x + (vb ? rb : 0) * x_ld);
-
-  uint16_t* ld_buf = ld_smem + warp * 64 * kLdsRow;
-
-  for (int g = warp; g < G; g += kWarps) {
-    // lora_down rows of this group -> this warp's smem slice, with cp.async (no registers held
-    // while the copy is in flight: 32 fewer registers at R = 32, so 3 CTAs fit per SM).
-    constexpr int kChunksPerRow = kRank / 8;
-    __syncwarp();  // every lane is done reading the previous group's slice
 #pragma unroll
-    for (int i = 0; i < 64 * kChunksPerRow / 32; ++i) {
-      const int c = lane + 32 * i;
-      const uint16_t* src = lora_down + static_cast<int64_t>(g * 64 + c / kChunksPerRow) * kRank + (c % kChunksPerRow) * 8;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                       ptx::smem_addr(ld_buf + (c / kChunksPerRow) * kLdsRow + (c % kChunksPerRow) * 8)),
-                   "l"(src)
-                   : "memory");
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < g_count) load_group(sm, s, g_begin + s, x, x_ld, lora_down, m0, M);
+    ptx::cp_async_commit();
+  }
+
+  for (int i = 0; i < g_count; ++i) {
+    const int g = g_begin + i;
+    ptx::cp_async_wait<kStages - 2>();
+    __syncthreads();  // group g landed for all; the slot of group g-1 is free to refill
+    if (i + kStages - 1 < g_count)
+      load_group(sm, (i + kStages - 1) % kStages, g + kStages - 1, x, x_ld, lora_down, m0, M);
+    ptx::cp_async_commit();
+    const int slot = i % kStages;
+
+    // ---- quantization: 16 channels of one row per thread
+    uint32_t xw[8], sw[8];
+    {
+      const uint4* xs = reinterpret_cast<const uint4*>(&sm.x[slot][q_row * kXPitch + quarter * 16]);
+      const uint4 x0 = xs[0], x1 = xs[1];
+      const uint4* sp = reinterpret_cast<const uint4*>(smooth + g * kGroup + quarter * 16);
+      const uint4 s0 = __ldg(sp), s1 = __ldg(sp + 1);
+      xw[0] = x0.x; xw[1] = x0.y; xw[2] = x0.z; xw[3] = x0.w; xw[4] = x1.x; xw[5] = x1.y; xw[6] = x1.z; xw[7] = x1.w;
+      sw[0] = s0.x; sw[1] = s0.y; sw[2] = s0.z; sw[3] = s0.w; sw[4] = s1.x; sw[5] = s1.y; sw[6] = s1.z; sw[7] = s1.w;
     }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-    // [k16 step][low/high 8 of the step]: bf16/fp16 pairs at channels kbase + kq + {0,1} (+8).
-    uint32_t xa[4][2], xb[4][2], sm[4][2];
+    float v[16];
+    float amax = 0.f;
 #pragma unroll
-    for (int s = 0; s < 4; ++s)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int k = g * 64 + 16 * s + 8 * h + kq;
-        xa[s][h] = va ? __ldg(xa_row + k / 2) : 0u;
-        xb[s][h] = vb ? __ldg(xb_row + k / 2) : 0u;
-        sm[s][h] = __ldg(reinterpret_cast<const uint32_t*>(smooth) + k / 2);
+    for (int i = 0; i < 8; ++i) {
+      const float2 fs = H::to_float2(sw[i]);
+      float2 fx = H::to_float2(xw[i]);
+      if constexpr (kUnsigned) {
+        fx.x += 0.171875f;
+        fx.y += 0.171875f;
       }
-
-
-    float v_a[4][2][2], v_b[4][2][2];
-    float amax_a = 0.f, amax_b = 0.f;
+      v[2 * i] = div_rn(fx.x, fs.x, __frcp_rn(fs.x));
+      v[2 * i + 1] = div_rn(fx.y, fs.y, __frcp_rn(fs.y));
+      amax = fmaxf(amax, fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1])));
+    }
+    // The 4 lanes of a quad hold the 64 channels of one row.
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    float scale = __fdiv_rn(amax, kQMax);
+    if (scale == 0.f) scale = 1.f;
+    const float rscale = __frcp_rn(scale);
+    float q[16];
 #pragma unroll
-    for (int s = 0; s < 4; ++s)
+    for (int i = 0; i < 16; ++i) q[i] = fminf(fmaxf(rintf(div_rn(v[i], scale, rscale)), kQMin), kQMax);
+    const int64_t row = m0 + q_row;
+    if (row_ok) {
+      if constexpr (kFormat == CodeFormat::kE4m3Bytes) {
+        uint4 out;
+        out.x = ptx::f32x2_to_e4m3x2(q[0], q[1]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[2], q[3])) << 16);
+        out.y = ptx::f32x2_to_e4m3x2(q[4], q[5]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[6], q[7])) << 16);
+        out.z = ptx::f32x2_to_e4m3x2(q[8], q[9]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[10], q[11])) << 16);
+        out.w = ptx::f32x2_to_e4m3x2(q[12], q[13]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[14], q[15])) << 16);
+        *reinterpret_cast<uint4*>(codes + row * K + g * kGroup + quarter * 16) = out;
+      } else {
+        // Channel 2i in the low nibble, 2i + 1 in the high one (two's complement for signed
+        // codes): the order mma.sync's 4-bit fragments read.
+        uint2 out = make_uint2(0u, 0u);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float2 fs = H::to_float2(sm[s][h]);
-        const float2 rs = make_float2(__frcp_rn(fs.x), __frcp_rn(fs.y));
-        float2 fa = H::to_float2(xa[s][h]);
-        float2 fb = H::to_float2(xb[s][h]);
-        if constexpr (kUnsigned) {
-          fa.x += 0.171875f; fa.y += 0.171875f;
-          fb.x += 0.171875f; fb.y += 0.171875f;
+        for (int i = 0; i < 4; ++i) {
+          out.x |= nibble_pair(q[2 * i], q[2 * i + 1]) << (8 * i);
+          out.y |= nibble_pair(q[8 + 2 * i], q[8 + 2 * i + 1]) << (8 * i);
         }
-        v_a[s][h][0] = div_rn(fa.x, fs.x, rs.x);
-        v_a[s][h][1] = div_rn(fa.y, fs.y, rs.y);
-        v_b[s][h][0] = div_rn(fb.x, fs.x, rs.x);
-        v_b[s][h][1] = div_rn(fb.y, fs.y, rs.y);
-        amax_a = fmaxf(amax_a, fmaxf(fabsf(v_a[s][h][0]), fabsf(v_a[s][h][1])));
-        amax_b = fmaxf(amax_b, fmaxf(fabsf(v_b[s][h][0]), fabsf(v_b[s][h][1])));
+        *reinterpret_cast<uint2*>(codes + row * (K / 2) + g * (kGroup / 2) + quarter * 8) = out;
       }
-    // The 4 lanes of a quad hold the 64 channels of one row pair.
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      amax_a = fmaxf(amax_a, __shfl_xor_sync(0xffffffffu, amax_a, o));
-      amax_b = fmaxf(amax_b, __shfl_xor_sync(0xffffffffu, amax_b, o));
     }
-    float sa = __fdiv_rn(amax_a, kQMax);
-    float sb = __fdiv_rn(amax_b, kQMax);
-    if (sa == 0.f) sa = 1.f;
-    if (sb == 0.f) sb = 1.f;
-    const float rsa = __frcp_rn(sa), rsb = __frcp_rn(sb);
+    // Rows in [M, m_pad) get scale 0: the GEMMs multiply their (zero) codes by it.
+    if (quarter == 0) scales[static_cast<int64_t>(g) * m_pad + row] = row_ok ? scale : 0.f;
 
+    // ---- low-rank down projection on the raw x: A fragments by ldmatrix from the x tile, B
+    // fragments by ldmatrix.trans from the lora_down slice (stored [k][r]).
+    const uint32_t x_base = ptx::smem_addr(&sm.x[slot][0]);
+    const uint32_t ld_base = ptx::smem_addr(&sm.lora_down[slot][0]);
 #pragma unroll
-    for (int s = 0; s < 4; ++s)
+    for (int ks = 0; ks < 2; ++ks) {
+      const int k16 = 16 * (2 * kh + ks);
+      uint32_t a[4];
+      ptx::ldmatrix_x4(a, x_base + 2 * ((16 * mb + (lane & 15)) * kXPitch + k16 + 8 * (lane >> 4)));
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int k = g * 64 + 16 * s + 8 * h + kq;
-        const float qa0 = fminf(fmaxf(rintf(div_rn(v_a[s][h][0], sa, rsa)), kQMin), kQMax);
-        const float qa1 = fminf(fmaxf(rintf(div_rn(v_a[s][h][1], sa, rsa)), kQMin), kQMax);
-        const float qb0 = fminf(fmaxf(rintf(div_rn(v_b[s][h][0], sb, rsb)), kQMin), kQMax);
-        const float qb1 = fminf(fmaxf(rintf(div_rn(v_b[s][h][1], sb, rsb)), kQMin), kQMax);
-        if constexpr (kFormat == CodeFormat::kE4m3Bytes) {
-          if (va) *reinterpret_cast<uint16_t*>(codes + static_cast<int64_t>(ra) * K + k) = ptx::f32x2_to_e4m3x2(qa0, qa1);
-          if (vb) *reinterpret_cast<uint16_t*>(codes + static_cast<int64_t>(rb) * K + k) = ptx::f32x2_to_e4m3x2(qb0, qb1);
-        } else {
-          // k is even: channel k in the low nibble, k + 1 in the high one (two's complement
-          // for signed codes), the order mma.sync's 4-bit fragments read.
-          if (va) codes[static_cast<int64_t>(ra) * (K / 2) + k / 2] = nibble_pair(qa0, qa1);
-          if (vb) codes[static_cast<int64_t>(rb) * (K / 2) + k / 2] = nibble_pair(qb0, qb1);
-        }
-      }
-    // Rows in [M, m_pad) get scale 0: the GEMM multiplies their (zero-filled) codes by it.
-    if (lane % 4 == 0) {
-      if (ra < m_pad) scales[static_cast<int64_t>(g) * m_pad + ra] = va ? sa : 0.f;
-      if (rb < m_pad) scales[static_cast<int64_t>(g) * m_pad + rb] = vb ? sb : 0.f;
-    }
-
-    // Low-rank down projection on the raw x; B fragments come from the smem slice through
-    // ldmatrix.trans (lora_down is [K, R]: the two k of a B register are R elements apart).
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    __syncwarp();
-    const uint32_t buf_addr = ptx::smem_addr(ld_buf);
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const uint32_t a[4] = {xa[s][0], xb[s][0], xa[s][1], xb[s][1]};
-#pragma unroll
-      for (int nb = 0; nb < kNB; nb += 2) {
-        const int k = 16 * s + ((lane >> 3) & 1) * 8 + (lane & 7);
-        const int n = (nb + (lane >> 4)) * 8;
+      for (int nt = 0; nt < kNTiles; nt += 2) {
+        const int k = k16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        const int n = (nt + (lane >> 4)) * 8;
         uint32_t b[4];
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                      : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                     : "r"(buf_addr + 2 * (k * kLdsRow + n)));
-        ptx::mma_m16n8k16<kBf16>(lacc[nb], a, b[0], b[1]);
-        ptx::mma_m16n8k16<kBf16>(lacc[nb + 1], a, b[2], b[3]);
+                     : "r"(ld_base + 2 * (k * QuantSmem<kRank>::kLdPitch + n)));
+        ptx::mma_m16n8k16<kBf16>(lacc[nt], a, b[0], b[1]);
+        ptx::mma_m16n8k16<kBf16>(lacc[nt + 1], a, b[2], b[3]);
       }
     }
   }
 
-  // Deterministic cross-warp sum: warps add their partials one after the other.
-  for (int w = 0; w < kWarps; ++w) {
-    if (warp == w) {
+  // Deterministic: the second k half parks its partial sums, the first adds its own to them.
+  const int r_a = lane / 4, c0 = 2 * (lane % 4);
+  float (*part)[kRank] = sm.lora_half;
+  if (kh == 1) {
 #pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) {
-        const int c = nb * 8 + kq;
-        float* p0 = &lora_red[lane / 4][c];
-        float* p1 = &lora_red[lane / 4 + 8][c];
-        if (w == 0) {
-          p0[0] = lacc[nb][0]; p0[1] = lacc[nb][1];
-          p1[0] = lacc[nb][2]; p1[1] = lacc[nb][3];
-        } else {
-          p0[0] += lacc[nb][0]; p0[1] += lacc[nb][1];
-          p1[0] += lacc[nb][2]; p1[1] += lacc[nb][3];
-        }
-      }
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      part[16 * mb + r_a][8 * nt + c0] = lacc[nt][0];
+      part[16 * mb + r_a][8 * nt + c0 + 1] = lacc[nt][1];
+      part[16 * mb + r_a + 8][8 * nt + c0] = lacc[nt][2];
+      part[16 * mb + r_a + 8][8 * nt + c0 + 1] = lacc[nt][3];
     }
-    __syncthreads();
   }
-  for (int i = threadIdx.x; i < kRowsPerCta * kRank; i += kWarps * 32) {
-    const int row = blockIdx.x * kRowsPerCta + i / kRank;
-    if (row < M) lora_act[static_cast<int64_t>(row) * kRank + i % kRank] = lora_red[i / kRank][i % kRank];
+  __syncthreads();
+  if (kh == 0) {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      part[16 * mb + r_a][8 * nt + c0] += lacc[nt][0];
+      part[16 * mb + r_a][8 * nt + c0 + 1] += lacc[nt][1];
+      part[16 * mb + r_a + 8][8 * nt + c0] += lacc[nt][2];
+      part[16 * mb + r_a + 8][8 * nt + c0 + 1] += lacc[nt][3];
+    }
   }
+  __syncthreads();
+  if (gridDim.y == 1) {
+    for (int e = t; e < kRowsPerCta * kRank; e += kThreads) {
+      const int row = m0 + e / kRank;
+      if (row < M) lora_act[static_cast<int64_t>(row) * kRank + e % kRank] = part[e / kRank][e % kRank];
+    }
+    return;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The cluster's CTAs (one per K range) add their partial sums in rank order, read by rank 0
+  // from each one's shared memory; the second sync keeps the peers resident until it is done.
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  if (cluster.block_rank() == 0) {
+    for (int e = t; e < kRowsPerCta * kRank; e += kThreads) {
+      float sum = 0.f;
+      for (unsigned r = 0; r < cluster.num_blocks(); ++r) sum += cluster.map_shared_rank(&part[0][0], r)[e];
+      const int row = m0 + e / kRank;
+      if (row < M) lora_act[static_cast<int64_t>(row) * kRank + e % kRank] = sum;
+    }
+  }
+  cluster.sync();
+#else
+  __trap();  // K splits need clusters (sm_90); the host launches them only there
+#endif
+}
+
+// How many ways to split K: the fewest CTAs per cluster (1, 2, 4 or 8) that give every SM
+// at least NUNCHAKU_QUANT_CTAS_PER_SM CTAs (4 warps each), with at least 2 groups per CTA; 1
+// where clusters do not exist (before sm_90). Measured on the H100 at M = 4608, K = 3072: 4 CTAs
+// per SM (K split 4 ways) 43 µs, 8 (8 ways) 58 µs, no split 79 µs.
+#ifndef NUNCHAKU_QUANT_CTAS_PER_SM
+#define NUNCHAKU_QUANT_CTAS_PER_SM 4
+#endif
+int k_splits(int row_blocks, int G, bool clusters, int sms) {
+  if (!clusters) return 1;
+  int s = 1;
+  while (s < 8 && row_blocks * s < NUNCHAKU_QUANT_CTAS_PER_SM * sms && G / (2 * s) >= 1) s *= 2;
+  return s;
 }
 
 template <CodeFormat kFormat, bool kBf16, bool kUnsigned>
 void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down, at::Tensor& codes,
                      at::Tensor& scales, at::Tensor& lora_act, int m_pad, cudaStream_t stream) {
   const int M = x.size(0), K = x.size(1), R = lora_down.size(1);
-  const dim3 grid(m_pad / kRowsPerCta), block(kWarps * 32);
+  int device = 0, major = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int splits = k_splits(m_pad / kRowsPerCta, K / kGroup, major >= 9, sms);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(m_pad / kRowsPerCta, splits);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute cluster_attr[1];
+  cluster_attr[0].id = cudaLaunchAttributeClusterDimension;
+  cluster_attr[0].val.clusterDim.x = 1;
+  cluster_attr[0].val.clusterDim.y = splits;
+  cluster_attr[0].val.clusterDim.z = 1;
+  config.attrs = cluster_attr;
+  config.numAttrs = splits > 1 ? 1 : 0;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* sp = reinterpret_cast<const uint16_t*>(smooth.data_ptr());
   const auto* lp = reinterpret_cast<const uint16_t*>(lora_down.data_ptr());
@@ -229,14 +314,16 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Te
   auto* lap = lora_act.data_ptr<float>();
 #define NUNCHAKU_QUANT_CASE(R16)                                                                            \
   case R16: {                                                                                               \
-    constexpr int smem = kWarps * 64 * (R16 * 16 + 8) * 2;                                                  \
+    constexpr int smem = sizeof(QuantSmem<R16 * 16>);                                                       \
     static std::once_flag once;                                                                             \
     std::call_once(once, [] {                                                                               \
       C10_CUDA_CHECK(cudaFuncSetAttribute(quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>,              \
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem));              \
     });                                                                                                     \
-    quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>                                                     \
-        <<<grid, block, smem, stream>>>(xp, x.stride(0), sp, lp, M, K, m_pad, cp, scp, lap);                \
+    config.dynamicSmemBytes = smem;                                                                         \
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>, xp,     \
+                                      static_cast<int64_t>(x.stride(0)), sp, lp, M, K, m_pad, cp, scp,      \
+                                      lap));                                                                \
     break;                                                                                                  \
   }
   switch (R / 16) {
@@ -265,13 +352,15 @@ void quantize_act(const char* op, const at::Tensor& x, const at::Tensor& smooth,
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K > 0 && K % 64 == 0, op, ": K = ", num(K), " must be a positive multiple of 64");
   TORCH_CHECK(x.stride(1) == 1, op, ": x must have a contiguous last dimension (stride(1) == 1)");
-  TORCH_CHECK(x.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0, op,
-              ": x rows must start at 4-byte aligned addresses (even row stride, aligned base)");
+  TORCH_CHECK(x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, op,
+              ": x rows must start at 16-byte aligned addresses (row stride a multiple of 8, aligned base)");
   for (const auto* t : {&smooth, &lora_down}) {
     TORCH_CHECK(t->device() == x.device(), op, ": smooth and lora_down must be on x's device");
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": smooth and lora_down must have x's dtype ",
                 x.scalar_type(), ", got ", t->scalar_type());
     TORCH_CHECK(t->is_contiguous(), op, ": smooth and lora_down must be contiguous");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op,
+                ": smooth and lora_down must start at 16-byte aligned addresses");
   }
   TORCH_CHECK(smooth.dim() == 1 && smooth.size(0) == K, op, ": smooth must be [K] = [", num(K), "], got ",
               shape(smooth.sizes()));

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from nunchaku.ops.extension import fake_for, load_extension
-from nunchaku.ops.sm90_layout import GROUP, scale_rows_padded
+from nunchaku.ops.sm90_layout import GROUP, scale_rows_padded, with_aligned_rows
 
 
 def w4a4_quantize_act_sm80(
@@ -20,8 +20,7 @@ def w4a4_quantize_act_sm80(
     Returns ``(act_codes uint8 [M, K/2] (nibble pairs), act_scales fp32 [K/64, M_pad], lora_act fp32 [M, R])``.
     """
     load_extension()
-    if x.stride(-1) != 1 or x.stride(0) % 2 or (not torch.compiler.is_compiling() and x.data_ptr() % 4):
-        x = x.contiguous()
+    x = with_aligned_rows(x)
     m, k = x.shape
     act_codes = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     act_scales = torch.empty((k // GROUP, scale_rows_padded(m)), dtype=torch.float32, device=x.device)

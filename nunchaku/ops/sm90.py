@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from nunchaku.ops.extension import extension_available, fake_for, load_extension  # noqa: F401
-from nunchaku.ops.sm90_layout import GROUP, scale_rows_padded
+from nunchaku.ops.sm90_layout import GROUP, scale_rows_padded, with_aligned_rows
 
 
 def w4a4_quantize_act_sm90(
@@ -22,10 +22,7 @@ def w4a4_quantize_act_sm90(
     Returns ``(act_codes uint8 [M, K] (e4m3 bytes), act_scales fp32 [K/64, M_pad], lora_act fp32 [M, R])``.
     """
     load_extension()
-    # The kernel reads rows with 4-byte loads: it needs a unit inner stride and aligned rows.
-    # torch.compile cannot trace data_ptr(); there the op's own check names a misaligned x.
-    if x.stride(-1) != 1 or x.stride(0) % 2 or (not torch.compiler.is_compiling() and x.data_ptr() % 4):
-        x = x.contiguous()
+    x = with_aligned_rows(x)
     m, k = x.shape
     act_codes = torch.empty((m, k), dtype=torch.uint8, device=x.device)
     act_scales = torch.empty((k // GROUP, scale_rows_padded(m)), dtype=torch.float32, device=x.device)

@@ -54,6 +54,16 @@ def scale_rows_padded(m: int) -> int:
     return _ceil_div(m, BLOCK_M) * BLOCK_M
 
 
+def with_aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself if the quantizers can read it (unit inner stride, rows starting at 16-byte
+    aligned addresses: they copy x tiles in 16-byte pieces), else a contiguous copy. Under
+    torch.compile data_ptr() cannot be read; the op's own check then names a misaligned x."""
+    misaligned = not torch.compiler.is_compiling() and x.data_ptr() % 16
+    if x.stride(-1) != 1 or x.stride(0) % 8 or misaligned:
+        return x.contiguous()
+    return x
+
+
 def pack_weights_sm90(wcodes: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Repack logical W4A4 weights into the sm_90 kernel layout (done once, at load time).
 
