@@ -25,13 +25,14 @@ from nunchaku import ops
 from nunchaku.ops import reference
 from nunchaku.quant.int4 import pack_int4_nibbles, quantize_weight_uint4_asym
 
-# (name, M, K, N, how many of this linear the T5-XXL encoder has: 24 layers)
+# (name, M, K, N, group size as our checkpoints use it, how many of this linear the T5-XXL
+# encoder has: 24 layers)
 SHAPES = [
-    ("t5 q/k/v/o", 512, 4096, 4096, 24 * 4),
-    ("t5 wi_0/wi_1", 512, 4096, 10240, 24 * 2),
-    ("t5 wo", 512, 10240, 4096, 24),
-    ("adaln double", 1, 3072, 18432, 0),
-    ("adaln single", 1, 3072, 9216, 0),
+    ("t5 q/k/v/o", 512, 4096, 4096, 128, 24 * 4),
+    ("t5 wi_0/wi_1", 512, 4096, 10240, 128, 24 * 2),
+    ("t5 wo", 512, 10240, 4096, 128, 24),
+    ("adaln double", 1, 3072, 18432, 64, 0),
+    ("adaln single", 1, 3072, 9216, 64, 0),
 ]
 
 
@@ -41,18 +42,18 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-def run(name: str, m: int, k: int, n: int) -> dict:
+def run(name: str, m: int, k: int, n: int, group: int) -> dict:
     dt = torch.bfloat16
     w = torch.randn(n, k, device="cuda") / k**0.5
-    codes, scales, zeros = quantize_weight_uint4_asym(w, 64)
+    codes, scales, zeros = quantize_weight_uint4_asym(w, group)
     qp, s, z = pack_int4_nibbles(codes), scales.to(dt), zeros.to(dt)
     w_bf16 = w.to(dt)
     x = torch.randn(m, k, device="cuda", dtype=dt)
-    res = {"name": name, "M": m, "K": k, "N": n}
+    res = {"name": name, "M": m, "K": k, "N": n, "group": group}
     res["bf16_us"] = bench(lambda: torch.matmul(x, w_bf16.t()))
-    res["w4a16_us"] = bench(lambda: ops.w4a16_linear(x, qp, s, z, None, 64))
-    res["reference_us"] = bench(lambda: reference.w4a16_gemm(x, qp, s, z, None, 64))
-    y, exact = ops.w4a16_linear(x, qp, s, z, None, 64), reference.w4a16_gemm(x.float(), qp, s, z, None, 64)
+    res["w4a16_us"] = bench(lambda: ops.w4a16_linear(x, qp, s, z, None, group))
+    res["reference_us"] = bench(lambda: reference.w4a16_gemm(x, qp, s, z, None, group))
+    y, exact = ops.w4a16_linear(x, qp, s, z, None, group), reference.w4a16_gemm(x.float(), qp, s, z, None, group)
     res["rel_err"] = ((y.float() - exact).norm() / exact.norm()).item()
     res["tflops_w4a16"] = 2 * m * n * k / res["w4a16_us"] / 1e6
     return res
@@ -62,12 +63,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    rows = [run(name, m, k, n) | {"count": count} for name, m, k, n, count in SHAPES]
+    rows = [run(name, m, k, n, group) | {"count": count} for name, m, k, n, group, count in SHAPES]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| linear | M | K | N | bf16 µs | w4a16 µs | reference µs | w4a16/bf16 time | w4a16 TFLOPS | rel err |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| linear | M | K | N | group | bf16 µs | w4a16 µs | reference µs | w4a16/bf16 time | w4a16 TFLOPS | rel err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['name']} | {r['M']} | {r['K']} | {r['N']} | {r['bf16_us']:.1f} | {r['w4a16_us']:.1f} | "
+        print(f"| {r['name']} | {r['M']} | {r['K']} | {r['N']} | {r['group']} | {r['bf16_us']:.1f} | {r['w4a16_us']:.1f} | "
               f"{r['reference_us']:.1f} | {r['w4a16_us'] / r['bf16_us']:.2f}x | {r['tflops_w4a16']:.0f} | "
               f"{r['rel_err']:.1e} |")
     totals = {key: sum(r[key] * r["count"] for r in rows) / 1e3 for key in ("bf16_us", "w4a16_us", "reference_us")}

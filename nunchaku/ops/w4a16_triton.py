@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 MAX_ROWS = 16
-GROUP = 64
+GROUP_SIZES = (32, 64, 128, 256)  # powers of two: tl.arange needs them
 BLOCK_N = 64
 
 
@@ -28,8 +28,8 @@ def triton_problem(x: torch.Tensor, group_size: int) -> str | None:
         return "x is not on a CUDA GPU"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"x is {x.dtype} (the kernels take bfloat16 or float16)"
-    if group_size != GROUP:
-        return f"group size {group_size} (the kernel is written for {GROUP})"
+    if group_size not in GROUP_SIZES:
+        return f"group size {group_size} (the kernels take {', '.join(map(str, GROUP_SIZES))})"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -88,7 +88,7 @@ def w4a16_gemv(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Ten
     grid = (triton_cdiv(n, BLOCK_N), m)
     _KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
                   bias if bias is not None else y, y, n, k, g, x.stride(0), y.stride(0),
-                  HAS_BIAS=bias is not None, HALF=GROUP // 2, BLOCK=BLOCK_N)
+                  HAS_BIAS=bias is not None, HALF=k // g // 2, BLOCK=BLOCK_N)
     return y
 
 
@@ -157,8 +157,9 @@ def w4a16_gemm(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Ten
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton_cdiv(n, GEMM_BLOCK_N), triton_cdiv(m, GEMM_BLOCK_M))
     _GEMM_KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
-                       bias if bias is not None else y, y, m, n, k, k // GROUP, x.stride(0), y.stride(0),
-                       HAS_BIAS=bias is not None, HALF=GROUP // 2, BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N,
+                       bias if bias is not None else y, y, m, n, k, wscales.shape[1], x.stride(0), y.stride(0),
+                       HAS_BIAS=bias is not None, HALF=k // wscales.shape[1] // 2, BLOCK_M=GEMM_BLOCK_M,
+                       BLOCK_N=GEMM_BLOCK_N,
                        num_warps=4)
     return y
 
@@ -171,8 +172,11 @@ def _(x, qweight_packed, wscales, wzeros, bias):
 def _check_w4a16_shapes(op: str, x, qweight_packed, wscales, wzeros) -> None:
     k = x.shape[1]
     n = qweight_packed.shape[0]
-    if qweight_packed.shape != (n, k // 2) or wscales.shape != (n, k // GROUP) or wzeros.shape != wscales.shape:
-        raise ValueError(f"{op}: expected qweight [N, K/2], scales and zeros [N, K/{GROUP}] for K={k}, got "
+    groups = wscales.shape[1] if wscales.dim() == 2 else 0
+    if (qweight_packed.shape != (n, k // 2) or wscales.dim() != 2 or wscales.shape[0] != n or groups == 0
+            or k % groups or k // groups not in GROUP_SIZES or wzeros.shape != wscales.shape):
+        raise ValueError(f"{op}: expected qweight [N, K/2], scales and zeros [N, K/G] with G in "
+                         f"{GROUP_SIZES} for K={k}, got "
                          f"{list(qweight_packed.shape)}, {list(wscales.shape)}, {list(wzeros.shape)}")
 
 
