@@ -28,7 +28,10 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_flux import (
+    FluxSingleTransformerBlock,
+    FluxTransformerBlock,
+)
 from torch import nn
 
 from ..nn import AWQW4A16Linear, SVDQW4A4Linear
@@ -107,6 +110,68 @@ def _split_linear_k(linear: nn.Linear, k_split: int) -> tuple[nn.Linear, nn.Line
     return first, second
 
 
+def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """`apply_rotary_emb(norm(x))` for queries or keys x [B, T, H, D] (rotary: the (cos, sin)
+    tables of these T tokens, or None). In eager mode on a CUDA GPU this is one fused kernel
+    (nunchaku.ops.rmsnorm_rope_triton, same roundings); elsewhere, and under NUNCHAKU_BACKEND=
+    reference or torch.compile (which fuses the diffusers version itself), diffusers' modules."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    from .. import ops
+
+    # torch.nn.RMSNorm rounds once (x * rstd * weight); diffusers' class rounds before the weight.
+    kind = {torch.nn.RMSNorm: False, RMSNorm: True}.get(type(norm))
+    if (rotary is not None and kind is not None and getattr(norm, "weight", None) is not None
+            and getattr(norm, "bias", None) is None and not torch.compiler.is_compiling()
+            and ops.requested_backend() is not ops.Backend.REFERENCE):
+        from ..ops.rmsnorm_rope_triton import rmsnorm_rope, rmsnorm_rope_problem
+
+        if rmsnorm_rope_problem(x, norm.weight, rotary[0]) is None:
+            eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+            return rmsnorm_rope(x, norm.weight, rotary[0], rotary[1], eps, kind)
+    x = norm(x)
+    return x if rotary is None else apply_rotary_emb(x, rotary, sequence_dim=1)
+
+
+class FusedQKFluxAttnProcessor:
+    """Attention processor of the double blocks in the nunchaku layout: diffusers' FluxAttnProcessor
+    math on the fused q/k/v projections, with each stream's q/k RMSNorm and rotary embedding done by
+    norm_and_rotate before the text and image tokens are joined (the rotary embedding is per token,
+    so this equals diffusers' join-then-rotate)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        def heads(t):
+            return t.unflatten(-1, (-1, attn.head_dim))
+
+        query, key, value = (heads(t) for t in attn.to_qkv(hidden_states).chunk(3, dim=-1))
+        text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        rot_text = rot_image = None
+        if image_rotary_emb is not None:
+            cos, sin = image_rotary_emb
+            rot_text, rot_image = (cos[:text_len], sin[:text_len]), (cos[text_len:], sin[text_len:])
+        query = norm_and_rotate(query, attn.norm_q, rot_image)
+        key = norm_and_rotate(key, attn.norm_k, rot_image)
+        if encoder_hidden_states is not None:
+            e_query, e_key, e_value = (heads(t) for t in attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1))
+            query = torch.cat([norm_and_rotate(e_query, attn.norm_added_q, rot_text), query], dim=1)
+            key = torch.cat([norm_and_rotate(e_key, attn.norm_added_k, rot_text), key], dim=1)
+            value = torch.cat([e_value, value], dim=1)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        encoder_out, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(encoder_out.contiguous())
+
+
 class SVDQFluxSingleTransformerBlock(FluxSingleTransformerBlock):
     """A FLUX single block in the nunchaku layout (see the module docstring). Same math as the
     diffusers block; q/k/v and the MLP up-projection run as one GEMM on the shared input, and
@@ -131,7 +196,6 @@ class SVDQFluxSingleTransformerBlock(FluxSingleTransformerBlock):
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
 
         text_seq_len = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
@@ -140,10 +204,8 @@ class SVDQFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         inner = self.attn.inner_dim
         qkv, mlp_hidden = self.qkv_mlp(norm_hidden_states).split([3 * inner, self.mlp_hidden_dim], dim=-1)
         query, key, value = (t.unflatten(-1, (-1, self.attn.head_dim)) for t in qkv.chunk(3, dim=-1))
-        query, key = self.attn.norm_q(query), self.attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query = norm_and_rotate(query, self.attn.norm_q, image_rotary_emb)
+        key = norm_and_rotate(key, self.attn.norm_k, image_rotary_emb)
         attn_output = dispatch_attention_fn(query, key, value).flatten(2, 3).to(query.dtype)
         out = self.attn_out(attn_output) + self.mlp_out(self.act_mlp(mlp_hidden))
         hidden_states = residual + gate.unsqueeze(1) * out
@@ -159,6 +221,7 @@ def _fuse_double_block(block: FluxTransformerBlock) -> None:
     for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
         delattr(attn, name)
     attn.fused_projections = True
+    attn.set_processor(FusedQKFluxAttnProcessor())
 
 
 def is_nunchaku_layout(transformer: FluxTransformer2DModel) -> bool:
