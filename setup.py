@@ -41,6 +41,10 @@ def cuda_extension():
               "the PyTorch reference path will be used")
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    arches = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split()
+    if any(a.split("+")[0] == "9.0" for a in arches) and not any(a.startswith("9.0a") for a in arches):
+        _warn("TORCH_CUDA_ARCH_LIST has 9.0 but not 9.0a: the Hopper W4A4 kernels need sm_90a and will "
+              "refuse to run in this build (add 9.0a)")
     include_dirs = [os.path.abspath("csrc")]
     try:
         import cutlass_library  # the nvidia-cutlass wheel ships CUTLASS/CuTe headers

@@ -6,13 +6,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <mutex>
+#include <set>
 #include <string>
+#include <tuple>
 
 namespace nunchaku {
 
@@ -47,6 +51,19 @@ inline void check_device_arch(const char* op, const at::Device& dev, int min_cc,
               op, ": cannot query the compute capability of ", dev.str());
   const int cc = 10 * major + minor;
   TORCH_CHECK(cc >= min_cc && cc <= max_cc, op, ": needs ", needs, ", but ", dev.str(), " is sm_", num(cc));
+}
+
+// Opts `kernel` into `bytes` of dynamic shared memory on the current device. The attribute is
+// per device, so a process-wide once-flag would leave a second GPU at the 48 KB default.
+inline void allow_dynamic_smem(const void* kernel, int bytes) {
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, int>> done;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, device, bytes})) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done.insert({kernel, device, bytes});
 }
 
 }  // namespace nunchaku

@@ -4,8 +4,8 @@
 // accumulator of a warp is laid out as N/8 of them; the sm_80 kernel accumulates in them
 // directly), so the rank-R up projection runs as mma.sync m16n8k16 straight into the
 // accumulator registers. lora_act is fp32; it is split into a 16-bit high part and a 16-bit
-// residual (two MMAs), which keeps the branch at ~fp32 accuracy for R/8 extra mma.sync per n8
-// block.
+// residual (two MMAs): about 16 significant bits of lora_act with bf16, 22 with fp16 (one 16-bit
+// operand alone gives 8 or 11), for R/8 extra mma.sync per n8 block.
 #pragma once
 
 #include <cstdint>

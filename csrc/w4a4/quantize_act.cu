@@ -40,7 +40,10 @@ namespace {
 
 constexpr int kRowsPerCta = 32;
 constexpr int kThreads = 128;
-constexpr int kStages = 4;
+// cp.async ring depth: 4, or 3 above rank 96 so that rank 128 fits the 99 KB of shared memory
+// a CTA may use on sm_86/sm_89 (4 stages would need 102 KB there).
+template <int kRank>
+constexpr int kStagesFor = kRank > 96 ? 3 : 4;
 constexpr int kMaxRank = 128;
 constexpr int kGroup = 64;
 // Row pitch of the x tile in shared memory, in 16-bit elements: 128 bytes of data + 16 of
@@ -68,6 +71,7 @@ __device__ __forceinline__ uint32_t nibble_pair(float lo, float hi) {
 template <int kRank>
 struct QuantSmem {
   static constexpr int kLdPitch = kRank + 8;  // lora_down slice row pitch (ldmatrix.trans, no conflicts)
+  static constexpr int kStages = kStagesFor<kRank>;
   uint16_t x[kStages][kRowsPerCta * kXPitch];
   uint16_t lora_down[kStages][kGroup * kLdPitch];
   float lora_half[kRowsPerCta][kRank];  // partial sums of the second k half, then of the CTA
@@ -107,6 +111,7 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
   constexpr int kNTiles = kRank / 8;
   constexpr float kQMax = kUnsigned ? 15.f : 7.f;
   constexpr float kQMin = kUnsigned ? 0.f : -8.f;
+  constexpr int kStages = QuantSmem<kRank>::kStages;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   auto& sm = *reinterpret_cast<QuantSmem<kRank>*>(smem_raw);
 
@@ -273,8 +278,9 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
 }
 
 // How many ways to split K: the fewest CTAs per cluster (1, 2, 4 or 8) that give every SM
-// at least NUNCHAKU_QUANT_CTAS_PER_SM CTAs (4 warps each), with at least 2 groups per CTA; 1
-// where clusters do not exist (before sm_90). Measured on the H100 at M = 4608, K = 3072: 4 CTAs
+// at least NUNCHAKU_QUANT_CTAS_PER_SM CTAs (4 warps each), never more ways than groups (an
+// uneven split may leave the last CTA without groups: it then adds zeros); 1 where clusters do
+// not exist (before sm_90). Measured on the H100 at M = 4608, K = 3072: 4 CTAs
 // per SM (K split 4 ways) 43 µs, 8 (8 ways) 58 µs, no split 79 µs.
 #ifndef NUNCHAKU_QUANT_CTAS_PER_SM
 #define NUNCHAKU_QUANT_CTAS_PER_SM 4
@@ -315,11 +321,8 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Te
 #define NUNCHAKU_QUANT_CASE(R16)                                                                            \
   case R16: {                                                                                               \
     constexpr int smem = sizeof(QuantSmem<R16 * 16>);                                                       \
-    static std::once_flag once;                                                                             \
-    std::call_once(once, [] {                                                                               \
-      C10_CUDA_CHECK(cudaFuncSetAttribute(quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>,              \
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem));              \
-    });                                                                                                     \
+    allow_dynamic_smem(reinterpret_cast<const void*>(quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>),  \
+                       smem);                                                                               \
     config.dynamicSmemBytes = smem;                                                                         \
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>, xp,     \
                                       static_cast<int64_t>(x.stride(0)), sp, lp, M, K, m_pad, cp, scp,      \

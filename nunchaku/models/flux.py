@@ -114,7 +114,8 @@ def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor
     """`apply_rotary_emb(norm(x))` for queries or keys x [B, T, H, D] (rotary: the (cos, sin)
     tables of these T tokens, or None). In eager mode on a CUDA GPU this is one fused kernel
     (nunchaku.ops.rmsnorm_rope_triton, same roundings); elsewhere, and under NUNCHAKU_BACKEND=
-    reference or torch.compile (which fuses the diffusers version itself), diffusers' modules."""
+    reference, torch.compile (which fuses the diffusers version itself) or when gradients are
+    needed, diffusers' modules."""
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.normalization import RMSNorm
 
@@ -122,8 +123,10 @@ def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor
 
     # torch.nn.RMSNorm rounds once (x * rstd * weight); diffusers' class rounds before the weight.
     kind = {torch.nn.RMSNorm: False, RMSNorm: True}.get(type(norm))
+    # The fused op has no backward: it serves inference (no_grad, as diffusers pipelines run).
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
     if (rotary is not None and kind is not None and getattr(norm, "weight", None) is not None
-            and getattr(norm, "bias", None) is None and not torch.compiler.is_compiling()
+            and getattr(norm, "bias", None) is None and not torch.compiler.is_compiling() and not needs_grad
             and ops.requested_backend() is not ops.Backend.REFERENCE):
         from ..ops.rmsnorm_rope_triton import rmsnorm_rope, rmsnorm_rope_problem
 

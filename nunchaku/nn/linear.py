@@ -148,7 +148,8 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         """Puts the weights in the layout of the path that runs on the module's device (a CUDA
         kernel family or the reference; see nunchaku.ops.w4a4_kernels_for). Called on every
         .to()/.cuda() and at creation."""
-        kernels = ops.w4a4_kernels_for(self.qweight.device, self.out_features, self.in_features, self.rank)
+        kernels = ops.w4a4_kernels_for(self.qweight.device, self.out_features, self.in_features, self.rank,
+                                       self.compute_dtype)
         want = WeightLayout.NIBBLES if kernels is None else _LAYOUT_OF_KERNELS[kernels]
         if want is not self.weight_layout:
             self._set_layout(want)

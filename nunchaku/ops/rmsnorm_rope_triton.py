@@ -28,12 +28,12 @@ def rmsnorm_rope_problem(x: torch.Tensor, weight: torch.Tensor | None, cos: torc
         return "x is not on a CUDA GPU"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"x is {x.dtype}"
-    if weight is None or weight.dtype != x.dtype:
-        return "the RMSNorm has no weight in x's dtype"
     if x.dim() != 4 or x.shape[-1] not in (32, 64, 128, 256) or x.stride(-1) != 1:
         return f"x must be [B, T, H, 32|64|128|256] with a unit last stride, got {tuple(x.shape)}"
-    if cos.shape != (x.shape[1], x.shape[3]):
-        return f"rotary tables {tuple(cos.shape)} do not match x {tuple(x.shape)}"
+    if weight is None or weight.dtype != x.dtype or weight.shape != (x.shape[-1],) or weight.device != x.device:
+        return f"the RMSNorm needs a weight [{x.shape[-1]}] in x's dtype on x's device"
+    if cos.shape != (x.shape[1], x.shape[3]) or cos.device != x.device:
+        return f"rotary tables {tuple(cos.shape)} on {cos.device} do not match x {tuple(x.shape)} on {x.device}"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -48,7 +48,7 @@ def _kernel():
     @triton.jit
     def rmsnorm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, H, eps, sxb, sxt, sxh,
                             D: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr):
-        bt = tl.program_id(0)
+        bt = tl.program_id(0).to(tl.int64)  # batch and token strides can exceed 2^31 elements
         b = bt // T
         t = bt % T
         h = tl.arange(0, BLOCK_H)
@@ -83,6 +83,8 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
     round_before_weight: diffusers' RMSNorm class (else torch.nn.RMSNorm's single rounding)."""
     global _KERNEL
     problem = rmsnorm_rope_problem(x, weight, cos)
+    if problem is None and sin.shape != cos.shape:
+        problem = f"sin {tuple(sin.shape)} and cos {tuple(cos.shape)} differ"
     if problem is not None:
         raise ValueError(f"rmsnorm_rope: {problem}")
     if _KERNEL is None:

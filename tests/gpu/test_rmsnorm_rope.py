@@ -35,8 +35,10 @@ def test_matches_diffusers_on_strided_views(dtype, tokens, norm_class):
     with torch.no_grad():
         norm.weight.copy_(torch.rand(d, generator=gen, device="cuda") + 0.5)
     cos, sin = rotary_tables(text, height, width)
-    expected = apply_rotary_emb(norm(q), (cos, sin), sequence_dim=1)
-    out = norm_and_rotate(q, norm, (cos, sin))
+    with torch.no_grad():
+        expected = apply_rotary_emb(norm(q), (cos, sin), sequence_dim=1)
+        out = rmsnorm_rope(q, norm.weight, cos, sin, norm.eps, norm_class is RMSNorm)
+        assert torch.equal(norm_and_rotate(q, norm, (cos, sin)), out)  # the module path takes the kernel
     assert out.shape == expected.shape and out.dtype == dtype and out.is_contiguous()
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
     # Only the sum of squares may add in another order, which can move a normalized input by one
@@ -53,11 +55,18 @@ def test_norm_and_rotate_takes_the_fused_path_in_eager_mode_only(monkeypatch):
     cos, sin = rotary_tables(4, 2, 2)
     q = torch.randn(1, 8, 2, 128, device="cuda", dtype=torch.bfloat16)
     norm = torch.nn.RMSNorm(128, eps=1e-6).cuda().bfloat16()
-    fused = norm_and_rotate(q, norm, (cos, sin))
-    assert torch.equal(fused, rmsnorm_rope(q, norm.weight, cos, sin, 1e-6, False))
+    with torch.no_grad():
+        fused = norm_and_rotate(q, norm, (cos, sin))
+        assert torch.equal(fused, rmsnorm_rope(q, norm.weight, cos, sin, 1e-6, False))
+        diffusers_path = apply_rotary_emb(norm(q), (cos, sin), sequence_dim=1)
+    # With gradients needed (the kernel has no backward) the diffusers modules run, and backward works.
+    trained = norm_and_rotate(q, norm, (cos, sin))
+    assert torch.equal(trained, diffusers_path)
+    trained.float().sum().backward()
+    assert norm.weight.grad is not None
     monkeypatch.setenv("NUNCHAKU_BACKEND", "reference")
-    reference = norm_and_rotate(q, norm, (cos, sin))
-    assert torch.equal(reference, apply_rotary_emb(norm(q), (cos, sin), sequence_dim=1))
+    with torch.no_grad():
+        assert torch.equal(norm_and_rotate(q, norm, (cos, sin)), diffusers_path)
 
 
 def test_opcheck_and_bad_input():

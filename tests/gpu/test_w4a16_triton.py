@@ -29,7 +29,7 @@ def layer(n: int, k: int, dtype, bias: bool, seed: int = 0, group: int = 64):
 @pytest.mark.parametrize("m,k,n", [(1, 3072, 18432), (2, 3072, 9216), (4, 256, 384), (MAX_ROWS, 192, 130)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_matches_the_reference(m, k, n, dtype):
-    qp, s, z, b = layer(n, k, dtype, bias=n % 2 == 0)
+    qp, s, z, b = layer(n, k, dtype, bias=m % 2 == 0)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     y = w4a16_gemv(x, qp, s, z, b)
     exact = reference.w4a16_gemm(x.float(), qp, s, z, b, 64).double()  # fp32 math, unrounded output
@@ -45,7 +45,7 @@ def test_gemv_matches_the_reference(m, k, n, dtype):
 def test_gemm_matches_the_reference(m, k, n, dtype, group):
     """The T5-XXL shapes (512 tokens, d_model 4096, d_ff 10240; our W4A16 T5 uses group 128), M and
     N tails."""
-    qp, s, z, b = layer(n, k, dtype, bias=n % 2 == 0, seed=m, group=group)
+    qp, s, z, b = layer(n, k, dtype, bias=m % 2 == 0, seed=m, group=group)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     y = w4a16_gemm(x, qp, s, z, b) if m > 1 else w4a16_gemv(x, qp, s, z, b)
     exact = reference.w4a16_gemm(x.float(), qp, s, z, b, group).double()

@@ -61,6 +61,18 @@ def test_quantize_matches_reference(m, k, dtype, act_unsigned):
     assert rel_err(lora_act, rl) < 1e-5
 
 
+@pytest.mark.parametrize("k", [3072, 320])  # 320: 5 groups, split unevenly across the cluster
+def test_quantize_rank128(k):
+    """Rank 128 (the largest; 3 ring stages) and a K whose groups do not split evenly."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(1000, k, generator=gen, device="cuda").to(torch.bfloat16)
+    layer = make_layer(k, 128, 128, torch.bfloat16, gen)
+    codes, scales, lora_act = run_quantize(x, layer["smooth"], layer["lora_down"], False)
+    rc, rs, rl = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    assert torch.equal(codes, rc) and torch.equal(scales, rs)
+    assert rel_err(lora_act, rl) < 1e-5
+
+
 def test_quantize_noncontiguous_x_and_rank64():
     gen = torch.Generator(device="cuda").manual_seed(1)
     base = torch.randn(300, 2 * 3072 + 64, generator=gen, device="cuda").to(torch.bfloat16)

@@ -9,7 +9,10 @@
 #include <cudaTypedefs.h>
 #include <torch/library.h>
 
+#include <ATen/ops/zeros.h>
+
 #include <mutex>
+#include <set>
 
 #include "../check.h"
 #include "../ops.h"
@@ -59,7 +62,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     consumer_mainloop(sm, mp, wg - 1, acc);
     epilogue<kBf16>(ep, m0, n0, wg - 1, acc);
   }
+#else
+  __trap();  // unreachable: gemm_sm90 checks for an sm_90a build first (check_sm90a_build)
 #endif
+}
+
+// 1 when this library's sm_90 code was compiled for sm_90a. A build for plain 9.0 (e.g. a
+// TORCH_CUDA_ARCH_LIST preset to "9.0") compiles the kernel above to an empty body, which would
+// return uninitialized output: the op refuses such a build instead.
+__global__ void sm90a_build_probe(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+void check_sm90a_build(const at::Device& dev) {
+  static std::mutex mutex;
+  static std::set<int> ok_devices;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (ok_devices.count(dev.index())) return;
+  const c10::cuda::CUDAGuard guard(dev);
+  at::Tensor flag = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(dev));
+  sm90a_build_probe<<<1, 1, 0, c10::cuda::getCurrentCUDAStream(dev.index())>>>(flag.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(flag.item<int>() == 1,
+              "w4a4_gemm_sm90: nunchaku._C was built without the sm_90a target (TORCH_CUDA_ARCH_LIST had 9.0, "
+              "not 9.0a), so its Hopper kernels are empty; rebuild with TORCH_CUDA_ARCH_LIST including 9.0a");
+  ok_devices.insert(dev.index());
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
@@ -93,10 +124,7 @@ CUtensorMap make_act_map(const at::Tensor& act_codes) {
 
 template <bool kBf16>
 void launch(const CUtensorMap& map, const MainloopParams& mp, const EpilogueParams& ep, int M, cudaStream_t stream) {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(w4a4_gemm_kernel<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  });
+  allow_dynamic_smem(reinterpret_cast<const void*>(w4a4_gemm_kernel<kBf16>), kSmemBytes);
   const dim3 grid(mp.N / kBlockN, (M + kBlockM - 1) / kBlockM);
   w4a4_gemm_kernel<kBf16><<<grid, kThreads, kSmemBytes, stream>>>(map, mp, ep);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -129,6 +157,7 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   const int64_t m_pad = (M + kBlockM - 1) / kBlockM * kBlockM;
   const auto dev = out.device();
   check_device_arch(op, dev, 90, 90, "a Hopper GPU (sm_90)");
+  check_sm90a_build(dev);
   check_operand(op, act_codes, "act_codes", dev, at::kByte, {M, K});
   check_operand(op, act_scales, "act_scales", dev, at::kFloat, {K / 64, m_pad});
   check_operand(op, wcodes_packed, "wcodes_packed", dev, at::kByte, {N / kBlockN, KT, kBlockN, kBlockK / 2});
