@@ -41,6 +41,21 @@ def rmsnorm_rope_problem(x: torch.Tensor, weight: torch.Tensor | None, cos: torc
     return None
 
 
+def reference_rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                           round_before_weight: bool = False) -> torch.Tensor:
+    """Pure-PyTorch reference of nunchaku::rmsnorm_rope (any device), with the roundings in the
+    module docstring."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if round_before_weight:
+        normed = normed.to(x.dtype).float()
+    h = (normed * weight.float()).to(x.dtype).float()
+    even, odd = h[..., 0::2], h[..., 1::2]
+    rotated = torch.stack([-odd, even], dim=-1).flatten(-2)
+    c, s = cos.float()[None, :, None, :], sin.float()[None, :, None, :]
+    return (h * c + rotated * s).to(x.dtype)
+
+
 def _kernel():
     import triton
     import triton.language as tl
