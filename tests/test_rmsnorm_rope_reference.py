@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm
-
 from flux_helpers import transformer_inputs
+
 from nunchaku.models.flux import to_nunchaku_layout
 from nunchaku.models.tiny import build_tiny_flux_pipeline
 from nunchaku.ops import rmsnorm_rope_triton
