@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <map>
 #include <mutex>
 #include <set>
 #include <string>
@@ -44,12 +45,27 @@ inline void check_operand(const char* op, const at::Tensor& t, const char* name,
 
 // The kernels of one op are built for one architecture family; the library also carries them
 // (as empty bodies) for the others, so the device is checked before any launch.
+struct DeviceInfo {
+  int cc;   // compute capability, 10 * major + minor
+  int sms;  // multiprocessor count
+};
+
+// Queried once per device: the ops consult it on every call.
+inline DeviceInfo device_info(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceInfo> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int major = 0, minor = 0, sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return cache[device] = DeviceInfo{10 * major + minor, sms};
+}
+
 inline void check_device_arch(const char* op, const at::Device& dev, int min_cc, int max_cc, const char* needs) {
-  int major = 0, minor = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev.index()) == cudaSuccess &&
-                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev.index()) == cudaSuccess,
-              op, ": cannot query the compute capability of ", dev.str());
-  const int cc = 10 * major + minor;
+  const int cc = device_info(dev.index()).cc;
   TORCH_CHECK(cc >= min_cc && cc <= max_cc, op, ": needs ", needs, ", but ", dev.str(), " is sm_", num(cc));
 }
 

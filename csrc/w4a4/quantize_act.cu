@@ -296,11 +296,8 @@ template <CodeFormat kFormat, bool kBf16, bool kUnsigned>
 void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down, at::Tensor& codes,
                      at::Tensor& scales, at::Tensor& lora_act, int m_pad, cudaStream_t stream) {
   const int M = x.size(0), K = x.size(1), R = lora_down.size(1);
-  int device = 0, major = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int splits = k_splits(m_pad / kRowsPerCta, K / kGroup, major >= 9, sms);
+  const DeviceInfo info = device_info(x.device().index());
+  const int splits = k_splits(m_pad / kRowsPerCta, K / kGroup, info.cc >= 90, info.sms);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(m_pad / kRowsPerCta, splits);
   config.blockDim = dim3(kThreads);

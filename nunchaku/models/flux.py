@@ -28,14 +28,18 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
 )
 from torch import nn
 
+from .. import ops
 from ..nn import AWQW4A16Linear, SVDQW4A4Linear
 from ..nn.utils import set_submodule
+from ..ops import rmsnorm_rope_triton
 from ..quant.quantizer import QuantPlan, QuantResult, W4A4Group, W4A16Target
 from ..quant.weights import W4A4Weights, W4A16Weights
 
@@ -116,23 +120,17 @@ def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor
     (nunchaku.ops.rmsnorm_rope_triton, same roundings); elsewhere, and under NUNCHAKU_BACKEND=
     reference, torch.compile (which fuses the diffusers version itself) or when gradients are
     needed, diffusers' modules."""
-    from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.normalization import RMSNorm
-
-    from .. import ops
-
     # torch.nn.RMSNorm rounds once (x * rstd * weight); diffusers' class rounds before the weight.
-    kind = {torch.nn.RMSNorm: False, RMSNorm: True}.get(type(norm))
+    round_before_weight = {torch.nn.RMSNorm: False, RMSNorm: True}.get(type(norm))
+    weight = getattr(norm, "weight", None)
     # The fused op has no backward: it serves inference (no_grad, as diffusers pipelines run).
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
-    if (rotary is not None and kind is not None and getattr(norm, "weight", None) is not None
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    if (rotary is not None and round_before_weight is not None and weight is not None
             and getattr(norm, "bias", None) is None and not torch.compiler.is_compiling() and not needs_grad
-            and ops.requested_backend() is not ops.Backend.REFERENCE):
-        from ..ops.rmsnorm_rope_triton import rmsnorm_rope, rmsnorm_rope_problem
-
-        if rmsnorm_rope_problem(x, norm.weight, rotary[0]) is None:
-            eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-            return rmsnorm_rope(x, norm.weight, rotary[0], rotary[1], eps, kind)
+            and ops.requested_backend() is not ops.Backend.REFERENCE
+            and rmsnorm_rope_triton.rmsnorm_rope_problem(x, weight, rotary[0]) is None):
+        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        return rmsnorm_rope_triton.rmsnorm_rope(x, weight, rotary[0], rotary[1], eps, round_before_weight)
     x = norm(x)
     return x if rotary is None else apply_rotary_emb(x, rotary, sequence_dim=1)
 

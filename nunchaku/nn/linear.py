@@ -243,17 +243,12 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         lead = x.shape[:-1]
         lora_down, lora_up = self.lowrank_factors()
         x2 = x.reshape(-1, self.in_features)
-        if self.weight_layout is WeightLayout.SM90:
-            from ..ops import sm90
+        if self.weight_layout is not WeightLayout.NIBBLES:
+            from ..ops import sm80, sm90
 
-            y = sm90.w4a4_linear_sm90(
-                x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
-                self.act_unsigned,
-            ).to(x.dtype)
-        elif self.weight_layout is WeightLayout.SM80:
-            from ..ops import sm80
-
-            y = sm80.w4a4_linear_sm80(
+            kernel_linear = {WeightLayout.SM90: sm90.w4a4_linear_sm90,
+                             WeightLayout.SM80: sm80.w4a4_linear_sm80}[self.weight_layout]
+            y = kernel_linear(
                 x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
                 self.act_unsigned,
             ).to(x.dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .sm90_layout import GROUP, scale_rows_padded, with_aligned_rows
+
 _LOADED = False
 _PENDING_FAKES: list[tuple[str, object]] = []
 
@@ -48,3 +50,30 @@ def extension_available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def run_quantize_act(op_name: str, x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,
+                     act_unsigned: bool, codes_per_byte: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Allocates the outputs of a W4A4 quantize op (torch.ops.nunchaku.<op_name>:
+    w4a4_quantize_act_sm90 writes one code per byte, _sm80 two; same schema otherwise) and runs it
+    on x [M, K]."""
+    load_extension()
+    op = getattr(torch.ops.nunchaku, op_name)
+    x = with_aligned_rows(x)
+    m, k = x.shape
+    act_codes = torch.empty((m, k // codes_per_byte), dtype=torch.uint8, device=x.device)
+    act_scales = torch.empty((k // GROUP, scale_rows_padded(m)), dtype=torch.float32, device=x.device)
+    lora_act = torch.empty((m, lora_down.shape[1]), dtype=torch.float32, device=x.device)
+    op(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act)
+    return act_codes, act_scales, lora_act
+
+
+def quantize_act_fake(codes_per_byte: int):
+    """The fake of a W4A4 quantize op writing `codes_per_byte` codes per byte."""
+
+    def fake(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act) -> None:
+        torch._check(x.dim() == 2 and x.shape[1] % GROUP == 0)
+        torch._check(act_codes.shape[0] == x.shape[0] and act_codes.shape[1] * codes_per_byte == x.shape[1])
+        torch._check(lora_act.shape[0] == x.shape[0] and lora_act.shape[1] == lora_down.shape[1])
+
+    return fake

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from nunchaku.ops.extension import fake_for, load_extension
-from nunchaku.ops.sm90_layout import GROUP, scale_rows_padded, with_aligned_rows
+from nunchaku.ops.extension import (
+    fake_for,
+    load_extension,
+    quantize_act_fake,
+    run_quantize_act,
+)
 
 
 def w4a4_quantize_act_sm80(
@@ -19,21 +23,11 @@ def w4a4_quantize_act_sm80(
 
     Returns ``(act_codes uint8 [M, K/2] (nibble pairs), act_scales fp32 [K/64, M_pad], lora_act fp32 [M, R])``.
     """
-    load_extension()
-    x = with_aligned_rows(x)
-    m, k = x.shape
-    act_codes = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
-    act_scales = torch.empty((k // GROUP, scale_rows_padded(m)), dtype=torch.float32, device=x.device)
-    lora_act = torch.empty((m, lora_down.shape[1]), dtype=torch.float32, device=x.device)
-    torch.ops.nunchaku.w4a4_quantize_act_sm80(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act)
-    return act_codes, act_scales, lora_act
+    return run_quantize_act("w4a4_quantize_act_sm80", x, smooth, lora_down, act_unsigned,
+                            codes_per_byte=2)
 
 
-@fake_for("nunchaku::w4a4_quantize_act_sm80")
-def _w4a4_quantize_act_sm80_fake(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act) -> None:
-    torch._check(x.dim() == 2 and x.shape[1] % GROUP == 0)
-    torch._check(act_codes.shape[0] == x.shape[0] and act_codes.shape[1] * 2 == x.shape[1])
-    torch._check(lora_act.shape[0] == x.shape[0] and lora_act.shape[1] == lora_down.shape[1])
+fake_for("nunchaku::w4a4_quantize_act_sm80")(quantize_act_fake(codes_per_byte=2))
 
 
 def w4a4_gemm_sm80(

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from nunchaku.ops.extension import extension_available, fake_for, load_extension  # noqa: F401
-from nunchaku.ops.sm90_layout import GROUP, scale_rows_padded, with_aligned_rows
+from nunchaku.ops.extension import (  # noqa: F401  (extension_available: re-exported for callers)
+    extension_available,
+    fake_for,
+    load_extension,
+    quantize_act_fake,
+    run_quantize_act,
+)
 
 
 def w4a4_quantize_act_sm90(
@@ -21,21 +26,11 @@ def w4a4_quantize_act_sm90(
 
     Returns ``(act_codes uint8 [M, K] (e4m3 bytes), act_scales fp32 [K/64, M_pad], lora_act fp32 [M, R])``.
     """
-    load_extension()
-    x = with_aligned_rows(x)
-    m, k = x.shape
-    act_codes = torch.empty((m, k), dtype=torch.uint8, device=x.device)
-    act_scales = torch.empty((k // GROUP, scale_rows_padded(m)), dtype=torch.float32, device=x.device)
-    lora_act = torch.empty((m, lora_down.shape[1]), dtype=torch.float32, device=x.device)
-    torch.ops.nunchaku.w4a4_quantize_act_sm90(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act)
-    return act_codes, act_scales, lora_act
+    return run_quantize_act("w4a4_quantize_act_sm90", x, smooth, lora_down, act_unsigned,
+                            codes_per_byte=1)
 
 
-@fake_for("nunchaku::w4a4_quantize_act_sm90")
-def _w4a4_quantize_act_sm90_fake(x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act) -> None:
-    torch._check(x.dim() == 2 and x.shape[1] % GROUP == 0)
-    torch._check(act_codes.shape == x.shape)
-    torch._check(lora_act.shape[0] == x.shape[0] and lora_act.shape[1] == lora_down.shape[1])
+fake_for("nunchaku::w4a4_quantize_act_sm90")(quantize_act_fake(codes_per_byte=1))
 
 
 def w4a4_gemm_sm90(
