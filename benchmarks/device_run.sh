@@ -3,7 +3,14 @@
 # (benchmarks/gemm.py: the W4A4 layer; benchmarks/w4a16.py: the W4A16 kernels).
 # Logs go to $OUT (the device tool brings that folder back, also when a step fails).
 # Usage (repo root, on the GPU machine):
-#   bash benchmarks/device_run.sh [--quick] [--no-tests] [--no-bench] [--ncu]
+#   bash benchmarks/device_run.sh [--quick] [--no-tests] [--no-bench] [--ncu] [--ncu-source] [--ablate]
+# --ncu-source: per-SASS-instruction warp stall samples of the GEMM at 4608x3072x3072
+#   ($OUT/gemm_source.csv and a top-40 summary).
+#   NUNCHAKU_AB="name=SPEC ..." bash benchmarks/device_run.sh ...   (A/B of the GEMM alone)
+# NUNCHAKU_AB lists other builds to time against the tree's in the same call (gemm.py --gemm-only at
+# M = 256, 1024, 4608): SPEC is comma-separated -D flags (e.g. -DNUNCHAKU_GEMM_CLUSTER_M=1) or
+# @DIR, another copy of csrc/ (e.g. `git archive` of an older commit, carried in an ignored folder).
+# They build in the background while the tests run.
 # Carry `.whl` (pytest, diffusers and their dependencies' wheels): they are installed first.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +20,7 @@ export MAX_JOBS=16 PYTHONUNBUFFERED=1
 BENCH_ARGS=()
 RUN_TESTS=1
 RUN_NCU=0
+RUN_NCU_SOURCE=0
 RUN_BENCH=1
 RUN_ABLATE=0
 for a in "$@"; do
@@ -20,6 +28,7 @@ for a in "$@"; do
     --quick) BENCH_ARGS+=(--quick) ;;
     --no-tests) RUN_TESTS=0 ;;
     --ncu) RUN_NCU=1 ;;
+    --ncu-source) RUN_NCU_SOURCE=1 ;;
     --no-bench) RUN_BENCH=0 ;;
     --ablate) RUN_ABLATE=1 ;;
   esac
@@ -32,6 +41,14 @@ done
 } 2>&1 | tee "$OUT/env.log"
 
 source benchmarks/device_wheels.sh  # the carried wheels (diffusers, ...) on PYTHONPATH
+
+AB_NAMES=()
+for v in ${NUNCHAKU_AB:-}; do
+  name=${v%%=*}; spec=${v#*=}; AB_NAMES+=("$name")
+  if [[ $spec == @* ]]; then src=${spec#@}; defs=""; else src=csrc; defs=${spec//,/ }; fi
+  ( NUNCHAKU_CSRC_DIR=$src NUNCHAKU_NVCC_DEFINES="$defs" NUNCHAKU_BUILD_DIR="build/_C_ab_$name" NUNCHAKU_NO_INSTALL=1 \
+      MAX_JOBS=8 python3 benchmarks/build_ext.py > "$OUT/build_ab_$name.log" 2>&1 || echo "A/B build $name failed" ) &
+done
 
 python3 benchmarks/build_ext.py 2>&1 | tee "$OUT/build.log" | grep -E "error|warning|ptxas info|spill|built " | grep -v "Compile time" | tail -40
 if [ "${PIPESTATUS[0]}" -ne 0 ] || ! ls nunchaku/_C*.so >/dev/null 2>&1; then
@@ -120,6 +137,14 @@ if [ "$RUN_NCU" -eq 1 ]; then
   grep -E "w4a4_gemm|quantize_act|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Shared Memory|L1/TEX Hit|Bank" "$OUT/ncu.txt" | head -60
 fi
 
+if [ "$RUN_NCU_SOURCE" -eq 1 ]; then
+  timeout 240 ncu --target-processes all -k regex:w4a4_gemm --launch-skip 2 --launch-count 1 --set full \
+    -o /tmp/gemm_prof -f python3 benchmarks/gemm.py --profile 4608 3072 3072 > "$OUT/ncu_source_run.log" 2>&1
+  ncu -i /tmp/gemm_prof.ncu-rep --page source --csv --print-source sass > "$OUT/gemm_source.csv" 2> "$OUT/ncu_source_err.log"
+  ncu -i /tmp/gemm_prof.ncu-rep --page details --print-details all > "$OUT/ncu_details.txt" 2>&1
+  python3 benchmarks/ncu_source_summary.py "$OUT/gemm_source.csv" 2>&1 | tee "$OUT/ncu_source_summary.txt" | head -70
+fi
+
 if [ "$RUN_BENCH" -eq 1 ]; then
   timeout 400 python3 benchmarks/gemm.py "${BENCH_ARGS[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -E "^\||unavailable|Error|error"
   timeout 200 python3 benchmarks/w4a16.py --json "$OUT/w4a16.json" 2>&1 | tee "$OUT/w4a16.log" | grep -E "^\||T5|Error|error"
@@ -135,4 +160,36 @@ if [ "$RUN_ABLATE" -eq 1 ]; then
     { echo "== ablation: $defs"; timeout 120 python3 benchmarks/gemm.py --gemm-only; } 2>&1 | tee -a "$OUT/ablate.log"
   done
   python3 benchmarks/build_ext.py > /dev/null 2>&1
+fi
+
+if [ "${#AB_NAMES[@]}" -gt 0 ]; then
+  wait  # the A/B builds
+  SO=$(ls nunchaku/_C*.so | head -1)
+  cp "$SO" /tmp/tree_C.so
+  { echo "== A/B: tree"; timeout 200 python3 benchmarks/gemm.py --gemm-only --check --ms 256 1024 4608; } 2>&1 | tee "$OUT/ab.log"
+  for name in "${AB_NAMES[@]}"; do
+    if [ -f "build/_C_ab_$name/_C.so" ]; then
+      cp "build/_C_ab_$name/_C.so" "$SO"
+      { echo "== A/B: $name"; timeout 200 python3 benchmarks/gemm.py --gemm-only --check --ms 256 1024 4608; } 2>&1 | tee -a "$OUT/ab.log"
+    else
+      echo "== A/B: $name: no library (see build_ab_$name.log)" | tee -a "$OUT/ab.log"
+    fi
+  done
+  cp /tmp/tree_C.so "$SO"
+  python3 - "$OUT/ab.log" <<'PY'
+import re, sys
+runs, cur = {}, None
+for line in open(sys.argv[1]):
+    if line.startswith("== A/B: "):
+        cur = line[8:].strip(); runs[cur] = {}
+    m = re.match(r"gemm-only M=(\d+) K=(\d+) N=(\d+): ([\d.]+) us", line)
+    if m and cur:
+        runs[cur][m.groups()[:3]] = float(m.group(4))
+names = list(runs)
+shapes = list(runs.get("tree", {}))
+print("| M | K | N | " + " | ".join(f"{n} µs" for n in names) + " |")
+print("|" + "---|" * (3 + len(names)))
+for sh in shapes:
+    print("| " + " | ".join(sh) + " | " + " | ".join(f"{runs[n].get(sh, float('nan')):.1f}" for n in names) + " |")
+PY
 fi

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nunchaku.ops import sm90  # noqa: E402
-from nunchaku.ops.sm90_layout import pack_weights_sm90  # noqa: E402
+from nunchaku.ops.sm90_layout import pack_weights_sm90, reference_gemm_sm90  # noqa: E402
 
 MS = [256, 1024, 4608]
 KNS = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]
@@ -134,6 +134,18 @@ def gemm_only(m: int, k: int, n: int) -> float:
     return bench(lambda i: sm90.w4a4_gemm_sm90(c, s, wp, wsp, la, lora_up, bias), 1)
 
 
+def check_gemm(m: int, k: int, n: int) -> str:
+    """Our GEMM against the float64 reference: relative error and that of rounding alone."""
+    x, smooth, lora_down, lora_up, bias, wp, wsp = random_layer(m, k, n)
+    c, s, la = sm90.w4a4_quantize_act_sm90(x, smooth, lora_down)
+    y = sm90.w4a4_gemm_sm90(c, s, wp, wsp, la, lora_up, bias)
+    ref = reference_gemm_sm90(c, s, wp, wsp, la, lora_up, bias, exact=True)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    rounding = ((ref.to(y.dtype).double() - ref).norm() / ref.norm()).item()
+    verdict = "ok" if err <= 1.1 * rounding + 1e-6 else "WRONG"
+    return f"check M={m} K={k} N={n}: rel err {err:.3e} (rounding alone {rounding:.3e}) {verdict}"
+
+
 def profile_once(m: int, k: int, n: int) -> None:
     x, smooth, lora_down, lora_up, bias, wp, wsp = random_layer(m, k, n)
     for _ in range(3):
@@ -146,7 +158,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="M = 4608 only")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--gemm-only", action="store_true",
-                    help="time only our GEMM at M = 4608 (for ablation builds, whose results are wrong)")
+                    help="time only our GEMM (for ablation builds, whose results are wrong, and A/B builds)")
+    ap.add_argument("--ms", type=int, nargs="+", default=[4608], help="token counts M for --gemm-only")
+    ap.add_argument("--check", action="store_true", help="with --gemm-only: first compare against the reference")
     ap.add_argument("--profile", type=int, nargs=3, metavar=("M", "K", "N"), default=None,
                     help="run quantize + GEMM of one shape a few times (for ncu) and exit")
     args = ap.parse_args()
@@ -157,9 +171,13 @@ def main() -> int:
         profile_once(*args.profile)
         return 0
     if args.gemm_only:
-        for k, n in KNS:
-            us = gemm_only(4608, k, n)
-            print(f"gemm-only M=4608 K={k} N={n}: {us:.1f} us, {2 * 4608 * n * k / us / 1e6:.0f} TOPS", flush=True)
+        if args.check:
+            for m, k, n in [(1000, 3072, 3072), (257, 320, 384), (4608, 12288, 3072)]:
+                print(check_gemm(m, k, n), flush=True)
+        for m in args.ms:
+            for k, n in KNS:
+                us = gemm_only(m, k, n)
+                print(f"gemm-only M={m} K={k} N={n}: {us:.1f} us, {2 * m * n * k / us / 1e6:.0f} TOPS", flush=True)
         return 0
     print(torch.cuda.get_device_name(), torch.__version__)
     rows = []
