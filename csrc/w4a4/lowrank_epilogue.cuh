@@ -23,32 +23,52 @@ struct EpilogueParams {
   int M, N, R;
 };
 
+// Epilogue operands read straight from global memory (the sm_80 kernel).
+struct GlobalEpilogueOperands {
+  const EpilogueParams& p;
+  // Row `row` of lora_act (nullptr past M), then lora_act[row, r .. r+1] from it.
+  __device__ __forceinline__ const float* lora_act_row(int row) const {
+    return row < p.M ? p.lora_act + static_cast<int64_t>(row) * p.R : nullptr;
+  }
+  __device__ __forceinline__ float2 lora_act_pair(const float* row, int r) const {
+    return __ldg(reinterpret_cast<const float2*>(row + r));
+  }
+  // lora_up[n, r .. r+1] as a packed 16-bit pair.
+  __device__ __forceinline__ uint32_t lora_up_pair(int n, int r) const {
+    return __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(p.lora_up) + static_cast<int64_t>(n) * p.R + r));
+  }
+  // bias[n .. n+1] as a packed 16-bit pair.
+  __device__ __forceinline__ uint32_t bias_pair(int n) const {
+    return __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(p.bias) + n));
+  }
+};
+
 // One warp: rows row_a = (first row of the m16 block) + lane/4 and row_a + 8, columns
 // n_base + 8*j + 2*(lane%4) + {0, 1} for j < kNTiles; acc[4*j .. 4*j+3] is n8 block j's C fragment.
-template <bool kBf16, int kNTiles>
-__device__ __forceinline__ void lowrank_bias_store(const EpilogueParams& p, int row_a, int n_base,
+// Operands: GlobalEpilogueOperands or a shared-memory staging of the same values (sm_90).
+template <bool kBf16, int kNTiles, class Operands>
+__device__ __forceinline__ void lowrank_bias_store(const EpilogueParams& p, const Operands& src, int row_a, int n_base,
                                                    float* __restrict__ acc) {
   using H = Half2<kBf16>;
   const int lane = threadIdx.x % 32;
   const int row_b = row_a + 8;
   const bool va = row_a < p.M, vb = row_b < p.M;
   const int kq = 2 * (lane % 4);
-  const uint16_t* up = static_cast<const uint16_t*>(p.lora_up);
 
+  const float* act_a = src.lora_act_row(row_a);
+  const float* act_b = src.lora_act_row(row_b);
   for (int r0 = 0; r0 < p.R; r0 += 16) {
     float2 la[2], lb[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      la[h] = va ? __ldg(reinterpret_cast<const float2*>(p.lora_act + static_cast<int64_t>(row_a) * p.R + r0 + kq + 8 * h))
-                 : make_float2(0.f, 0.f);
-      lb[h] = vb ? __ldg(reinterpret_cast<const float2*>(p.lora_act + static_cast<int64_t>(row_b) * p.R + r0 + kq + 8 * h))
-                 : make_float2(0.f, 0.f);
+      la[h] = act_a ? src.lora_act_pair(act_a, r0 + kq + 8 * h) : make_float2(0.f, 0.f);
+      lb[h] = act_b ? src.lora_act_pair(act_b, r0 + kq + 8 * h) : make_float2(0.f, 0.f);
     }
     uint32_t a_hi[4], a_lo[4];
-    const float2* src[4] = {&la[0], &lb[0], &la[1], &lb[1]};
+    const float2* pairs[4] = {&la[0], &lb[0], &la[1], &lb[1]};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float x0 = src[i]->x, x1 = src[i]->y;
+      const float x0 = pairs[i]->x, x1 = pairs[i]->y;
       const float h0 = H::round_trip(x0), h1 = H::round_trip(x1);
       a_hi[i] = H::pack(h0, h1);
       a_lo[i] = H::pack(x0 - h0, x1 - h1);
@@ -56,9 +76,8 @@ __device__ __forceinline__ void lowrank_bias_store(const EpilogueParams& p, int 
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
       const int n = n_base + 8 * j + lane / 4;
-      const uint32_t* up_row = reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(n) * p.R + r0);
-      const uint32_t b0 = __ldg(up_row + kq / 2);
-      const uint32_t b1 = __ldg(up_row + kq / 2 + 4);
+      const uint32_t b0 = src.lora_up_pair(n, r0 + kq);
+      const uint32_t b1 = src.lora_up_pair(n, r0 + kq + 8);
       float c[4] = {acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]};
       ptx::mma_m16n8k16<kBf16>(c, a_hi, b0, b1);
       ptx::mma_m16n8k16<kBf16>(c, a_lo, b0, b1);
@@ -69,13 +88,12 @@ __device__ __forceinline__ void lowrank_bias_store(const EpilogueParams& p, int 
     }
   }
 
-  const uint32_t* bias = static_cast<const uint32_t*>(p.bias);
   uint32_t* out_a = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + static_cast<int64_t>(row_a) * p.N);
   uint32_t* out_b = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + static_cast<int64_t>(row_b) * p.N);
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j) {
     const int n = n_base + 8 * j + kq;
-    const float2 b = H::to_float2(__ldg(bias + n / 2));
+    const float2 b = H::to_float2(src.bias_pair(n));
     if (va) out_a[n / 2] = H::pack(acc[4 * j] + b.x, acc[4 * j + 1] + b.y);
     if (vb) out_b[n / 2] = H::pack(acc[4 * j + 2] + b.x, acc[4 * j + 3] + b.y);
   }

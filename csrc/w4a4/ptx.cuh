@@ -29,7 +29,7 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
                : "memory");
 }
 
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+__device__ __forceinline__ void mbar_wait(const uint64_t* bar, uint32_t parity) {
   asm volatile(
       "{\n"
       " .reg .pred p;\n"

@@ -105,9 +105,10 @@ def test_gemm_matches_reference(m, k, n, dtype):
 
 
 @pytest.mark.parametrize("act_unsigned", [False, True])
-@pytest.mark.parametrize("m,k,n", [(3, 64, 128), (129, 192, 256), (300, 320, 384), (1000, 3072, 3072)])
+@pytest.mark.parametrize("m,k,n", [(3, 64, 128), (129, 192, 256), (300, 320, 384), (500, 192, 256), (1000, 3072, 3072)])
 def test_fused_layer_odd_k(m, k, n, act_unsigned):
-    """Quantize + GEMM end to end, K not a multiple of 128 included (odd group count)."""
+    """Quantize + GEMM end to end, K not a multiple of 128 included (odd group count), partial last
+    192-token tiles included."""
     gen = torch.Generator(device="cuda").manual_seed(m * k + n)
     dtype = torch.bfloat16
     layer = make_layer(k, n, 32, dtype, gen)
@@ -117,6 +118,21 @@ def test_fused_layer_odd_k(m, k, n, act_unsigned):
     codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"], act_unsigned)
     exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], exact=True)
     check_close(out, exact, dtype, f"fused m={m} k={k} n={n} unsigned={act_unsigned}")
+
+
+@pytest.mark.parametrize("rank", [16, 48, 112, 128])
+@pytest.mark.parametrize("m,k", [(500, 64), (500, 3072), (192, 256)])
+def test_gemm_ranks(m, k, rank):
+    """The epilogue's lora_act rows are staged in 1 (rank <= 32) to 4 (rank 128) activation slots,
+    the slots the stages after the last one would use: short K (K = 64: one stage, slots never
+    used by the mainloop) and long K, a full and a partial last token tile."""
+    gen = torch.Generator(device="cuda").manual_seed(m + k + rank)
+    layer = make_layer(k, 384, rank, torch.bfloat16, gen)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
+    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], exact=True)
+    check_close(out, exact, torch.bfloat16, f"gemm m={m} k={k} rank={rank}")
 
 
 def test_gemm_rejects_bad_arguments():
@@ -134,6 +150,9 @@ def test_gemm_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="K = 100"):
         torch.ops.nunchaku.w4a4_quantize_act_sm90(x[:, :100], layer["smooth"][:100], layer["lora_down"][:100], False,
                                                   codes[:, :100], scales, lora_act)
+    with pytest.raises(RuntimeError, match="rank R = 144"):
+        torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], torch.zeros(8, 144, device="cuda"),
+                                          torch.zeros(128, 144, device="cuda", dtype=torch.bfloat16), layer["bias"], out)
 
 
 def test_opcheck():

@@ -147,7 +147,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(const Params p, 
 
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
-    lowrank_bias_store<kBf16, kNTiles>(ep, m0 + wm * kWarpM + 16 * mt + lane / 4, n0 + wn * kWarpN, acc[mt]);
+    lowrank_bias_store<kBf16, kNTiles>(ep, GlobalEpilogueOperands{ep}, m0 + wm * kWarpM + 16 * mt + lane / 4,
+                                       n0 + wn * kWarpN, acc[mt]);
 }
 
 template <bool kBf16, bool kUnsigned>

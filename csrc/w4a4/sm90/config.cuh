@@ -20,10 +20,12 @@ constexpr int kGroup = 64;
 constexpr int kStages = 4;
 constexpr int kProducerThreads = 128;
 constexpr int kThreads = kProducerThreads + 128 * kConsumerWarpgroups;
-// 128*40 + 384*152 <= 65536: the producer needs few registers, the consumers hold 2x64
-// accumulators plus scales and descriptors (no spills at 40/152; 32/160 spilled 44 bytes).
-constexpr uint32_t kProducerRegs = 40;
-constexpr uint32_t kConsumerRegs = 152;
+// 128*32 + 384*160 = 65536 (what the CTA gets at launch; setmaxnreg only moves registers between
+// its warpgroups): the producer needs few registers, the consumers hold 2x64 accumulators plus
+// scales and descriptors, and after the mainloop the epilogue's operand addresses (40/152 spilled
+// 8 bytes in the consumers once the epilogue read shared memory; no spills at 32/160).
+constexpr uint32_t kProducerRegs = 32;
+constexpr uint32_t kConsumerRegs = 160;
 
 constexpr int kActTileBytes = kBlockM * kBlockK;        // fp8 codes, 128-byte swizzle
 constexpr int kWTileBytes = kBlockN * kBlockK;          // fp8 codes, 128-byte swizzle
@@ -37,10 +39,22 @@ struct alignas(1024) SharedStorage {
   uint16_t wscale_in[kStages][kBlockK / kGroup][kBlockN];  // bf16/fp16 as stored, lands with w_packed
   float wscale[kStages][kBlockK / kGroup][kBlockN];        // fp32, written by the producer
   float ascale[kStages][kBlockK / kGroup][kBlockM];
+  uint16_t bias[kBlockN];    // this tile's bias (out dtype), staged for the epilogue
   uint64_t full[kStages];    // producer -> consumers: act (TMA), scales (bulk), unpacked weights
   uint64_t empty[kStages];   // consumers -> producer: stage may be overwritten
   uint64_t packed[kStages];  // bulk copies of the packed weights and their scales landed (producer-internal)
+  uint64_t epilogue_full;    // the epilogue's operands landed (see stage_epilogue_operands)
 };
+
+// The epilogue's operands are staged in shared memory the mainloop no longer needs: lora_up's
+// 128 x R tile in the packed-weight ring (producer-only, free after the last unpack: 32 KB holds
+// R <= 128), lora_act's 192 x R rows in activation slots, act_rows_per_slot(R) rows a slot, in the
+// slots the stages after the last one would use (released as the consumers finish the last stages).
+constexpr int kMaxRank = 128;
+static_assert(kBlockN * kMaxRank * 2 <= kStages * kWPackedTileBytes, "lora_up tile must fit the packed ring");
+__host__ __device__ constexpr int act_rows_per_slot(int rank) { return kActTileBytes / (rank * 4); }
+static_assert((kBlockM + act_rows_per_slot(kMaxRank) - 1) / act_rows_per_slot(kMaxRank) <= kStages,
+              "lora_act rows must fit the activation slots");
 
 constexpr int kSmemBytes = sizeof(SharedStorage);
 

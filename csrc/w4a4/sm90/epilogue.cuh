@@ -1,5 +1,7 @@
 // Epilogue of the sm_90 W4A4 GEMM: each consumer warp's 16 x 128 slice of the wgmma
-// accumulator goes through the shared low-rank + bias + store epilogue (../lowrank_epilogue.cuh).
+// accumulator goes through the shared low-rank + bias + store epilogue (../lowrank_epilogue.cuh),
+// reading lora_act, lora_up and bias from where the producer staged them in shared memory
+// (stage_epilogue_operands in gemm_mainloop.cuh).
 #pragma once
 
 #include "../lowrank_epilogue.cuh"
@@ -7,10 +9,33 @@
 
 namespace nunchaku::w4a4::sm90 {
 
+struct SharedEpilogueOperands {
+  const SharedStorage& sm;
+  int m0, n0, M, R, KT;
+  __device__ __forceinline__ const float* lora_act_row(int row) const {
+    if (row >= M) return nullptr;
+    const int local = row - m0, per_slot = act_rows_per_slot(R);
+    const int piece = local / per_slot;
+    return reinterpret_cast<const float*>(sm.act[(KT + piece) % kStages]) + (local - piece * per_slot) * R;
+  }
+  __device__ __forceinline__ float2 lora_act_pair(const float* row, int r) const {
+    return *reinterpret_cast<const float2*>(row + r);
+  }
+  __device__ __forceinline__ uint32_t lora_up_pair(int n, int r) const {
+    return *reinterpret_cast<const uint32_t*>(&sm.w_packed[0][0] + ((n - n0) * R + r) * 2);
+  }
+  __device__ __forceinline__ uint32_t bias_pair(int n) const {
+    return *reinterpret_cast<const uint32_t*>(&sm.bias[n - n0]);
+  }
+};
+
 template <bool kBf16>
-__device__ __forceinline__ void epilogue(const EpilogueParams& p, int m0, int n0, int wg, float (&acc)[64]) {
+__device__ __forceinline__ void epilogue(const SharedStorage& sm, const EpilogueParams& p, int m0, int n0, int KT,
+                                         int wg, float (&acc)[64]) {
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-  lowrank_bias_store<kBf16, kBlockN / 8>(p, m0 + wg * 64 + warp * 16 + lane / 4, n0, acc);
+  ptx::mbar_wait(&sm.epilogue_full, 0);
+  const SharedEpilogueOperands src{sm, m0, n0, p.M, p.R, KT};
+  lowrank_bias_store<kBf16, kBlockN / 8>(p, src, m0 + wg * 64 + warp * 16 + lane / 4, n0, acc);
 }
 
 }  // namespace nunchaku::w4a4::sm90

@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ptx::mbar_init(&sm.empty[s], kConsumerWarpgroups * 4);
       ptx::mbar_init(&sm.packed[s], 1);
     }
+    ptx::mbar_init(&sm.epilogue_full, 1);
     ptx::fence_barrier_init();
     ptx::prefetch_tensormap(&act_map);
   }
@@ -55,12 +56,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     ptx::setmaxnreg_dec<kProducerRegs>();
-    producer_loop<kBf16>(sm, &act_map, mp, m0, n0);
+    producer_loop<kBf16>(sm, &act_map, mp, ep, m0, n0);
   } else {
     ptx::setmaxnreg_inc<kConsumerRegs>();
     float acc[64];
     consumer_mainloop(sm, mp, wg - 1, acc);
-    epilogue<kBf16>(ep, m0, n0, wg - 1, acc);
+    epilogue<kBf16>(sm, ep, m0, n0, mp.KT, wg - 1, acc);
   }
 #else
   __trap();  // unreachable: gemm_sm90 checks for an sm_90a build first (check_sm90a_build)
@@ -153,7 +154,8 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   TORCH_CHECK(K > 0 && K % 64 == 0, op, ": K = ", num(K), " must be a positive multiple of 64");
   TORCH_CHECK(KT == (K + kBlockK - 1) / kBlockK, op, ": wcodes_packed has ", num(KT), " K tiles, act_codes has K = ",
               num(K), " (expected ", num((K + kBlockK - 1) / kBlockK), ")");
-  TORCH_CHECK(R % 16 == 0 && R >= 16, op, ": rank R = ", num(R), " must be a positive multiple of 16");
+  TORCH_CHECK(R % 16 == 0 && R >= 16 && R <= kMaxRank, op, ": rank R = ", num(R), " must be a multiple of 16 in [16, ",
+              num(kMaxRank), "]");
   const int64_t m_pad = (M + kBlockM - 1) / kBlockM * kBlockM;
   const auto dev = out.device();
   check_device_arch(op, dev, 90, 90, "a Hopper GPU (sm_90)");
