@@ -74,13 +74,18 @@ struct QuantSmem {
   static constexpr int kStages = kStagesFor<kRank>;
   uint16_t x[kStages][kRowsPerCta * kXPitch];
   uint16_t lora_down[kStages][kGroup * kLdPitch];
+  // The group's 64 smoothing factors ride the same ring (a global load per group sat in front of
+  // the quantization: 9% of the kernel's stall samples).
+  alignas(16) uint16_t smooth[kStages][kGroup];
   float lora_half[kRowsPerCta][kRank];  // partial sums of the second k half, then of the CTA
 };
 
 template <int kRank>
 __device__ __forceinline__ void load_group(QuantSmem<kRank>& sm, int slot, int g, const uint16_t* __restrict__ x,
-                                           int64_t x_ld, const uint16_t* __restrict__ lora_down, int m0, int M) {
+                                           int64_t x_ld, const uint16_t* __restrict__ smooth,
+                                           const uint16_t* __restrict__ lora_down, int m0, int M) {
   const int t = threadIdx.x;
+  if (t < kGroup / 8) ptx::cp_async_16(&sm.smooth[slot][t * 8], smooth + g * kGroup + t * 8, true);
   // x tile: 32 rows x 8 chunks of 16 bytes; rows past M are zero-filled.
 #pragma unroll
   for (int i = 0; i < kRowsPerCta * 8 / kThreads; ++i) {
@@ -134,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < g_count) load_group(sm, s, g_begin + s, x, x_ld, lora_down, m0, M);
+    if (s < g_count) load_group(sm, s, g_begin + s, x, x_ld, smooth, lora_down, m0, M);
     ptx::cp_async_commit();
   }
 
@@ -143,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // group g landed for all; the slot of group g-1 is free to refill
     if (i + kStages - 1 < g_count)
-      load_group(sm, (i + kStages - 1) % kStages, g + kStages - 1, x, x_ld, lora_down, m0, M);
+      load_group(sm, (i + kStages - 1) % kStages, g + kStages - 1, x, x_ld, smooth, lora_down, m0, M);
     ptx::cp_async_commit();
     const int slot = i % kStages;
 
@@ -152,8 +157,8 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     {
       const uint4* xs = reinterpret_cast<const uint4*>(&sm.x[slot][q_row * kXPitch + quarter * 16]);
       const uint4 x0 = xs[0], x1 = xs[1];
-      const uint4* sp = reinterpret_cast<const uint4*>(smooth + g * kGroup + quarter * 16);
-      const uint4 s0 = __ldg(sp), s1 = __ldg(sp + 1);
+      const uint4* sp = reinterpret_cast<const uint4*>(&sm.smooth[slot][quarter * 16]);
+      const uint4 s0 = sp[0], s1 = sp[1];
       xw[0] = x0.x; xw[1] = x0.y; xw[2] = x0.z; xw[3] = x0.w; xw[4] = x1.x; xw[5] = x1.y; xw[6] = x1.z; xw[7] = x1.w;
       sw[0] = s0.x; sw[1] = s0.y; sw[2] = s0.z; sw[3] = s0.w; sw[4] = s1.x; sw[5] = s1.y; sw[6] = s1.z; sw[7] = s1.w;
     }
@@ -258,15 +263,22 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     return;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The cluster's CTAs (one per K range) add their partial sums in rank order, read by rank 0
-  // from each one's shared memory; the second sync keeps the peers resident until it is done.
+  // The cluster's CTAs (one per K range) add their partial sums in rank order, each CTA for its
+  // own 1/S of the elements, read from every CTA's shared memory (the same order as one CTA
+  // adding them all, so the same bits; one CTA doing it all kept the others waiting at the
+  // second sync: 14% of the kernel's stall samples); the second sync keeps every CTA resident
+  // until its peers are done reading it.
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
-  if (cluster.block_rank() == 0) {
-    for (int e = t; e < kRowsPerCta * kRank; e += kThreads) {
+  {
+    constexpr int kElems = kRowsPerCta * kRank;
+    const int ranks = static_cast<int>(cluster.num_blocks());
+    const int per_rank = (kElems + ranks - 1) / ranks;
+    const int e_end = min(kElems, (static_cast<int>(cluster.block_rank()) + 1) * per_rank);
+    for (int e = static_cast<int>(cluster.block_rank()) * per_rank + t; e < e_end; e += kThreads) {
       float sum = 0.f;
-      for (unsigned r = 0; r < cluster.num_blocks(); ++r) sum += cluster.map_shared_rank(&part[0][0], r)[e];
+      for (int r = 0; r < ranks; ++r) sum += cluster.map_shared_rank(&part[0][0], r)[e];
       const int row = m0 + e / kRank;
       if (row < M) lora_act[static_cast<int64_t>(row) * kRank + e % kRank] = sum;
     }
