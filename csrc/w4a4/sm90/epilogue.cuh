@@ -22,7 +22,9 @@ struct SharedEpilogueOperands {
     return *reinterpret_cast<const float2*>(row + r);
   }
   __device__ __forceinline__ uint32_t lora_up_pair(int n, int r) const {
-    return *reinterpret_cast<const uint32_t*>(&sm.w_packed[0][0] + ((n - n0) * R + r) * 2);
+    // The lora_up tile spans the whole packed ring, viewed as one flat byte array.
+    const uint8_t* ring = reinterpret_cast<const uint8_t*>(sm.w_packed);
+    return *reinterpret_cast<const uint32_t*>(ring + ((n - n0) * R + r) * 2);
   }
   __device__ __forceinline__ uint32_t bias_pair(int n) const {
     return *reinterpret_cast<const uint32_t*>(&sm.bias[n - n0]);

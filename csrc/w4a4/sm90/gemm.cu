@@ -1,5 +1,5 @@
 // sm_90a W4A4 GEMM: y[M, N] = dequant(act_codes) . dequant(w)^T + lora_act . lora_up^T + bias.
-// Kernel = producer warpgroup + 2 consumer warpgroups (gemm_mainloop.cuh), fused epilogue
+// Kernel = producer warpgroup + 3 consumer warpgroups (gemm_mainloop.cuh), fused epilogue
 // (epilogue.cuh). The host side checks arguments, builds the TMA descriptor and launches.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>

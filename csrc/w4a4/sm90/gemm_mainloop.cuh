@@ -156,7 +156,9 @@ __device__ __forceinline__ void producer_loop(SharedStorage& sm, const CUtensorM
     // every producer thread must be done reading it.
     ptx::named_bar_sync(1, kProducerThreads);
   }
-  // The barrier above was the last read of the packed ring by any producer thread.
+  // The barrier above was the last read of the packed ring by any producer thread, and no bulk
+  // copy into the ring is pending (load_packed is issued only for tiles kt < KT, each waited on
+  // above): the ring is free for the epilogue's lora_up tile.
   if (t == 0) stage_epilogue_operands(sm, p, ep, m0, n0);
 }
 
