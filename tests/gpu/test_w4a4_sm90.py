@@ -120,19 +120,20 @@ def test_fused_layer_odd_k(m, k, n, act_unsigned):
     check_close(out, exact, dtype, f"fused m={m} k={k} n={n} unsigned={act_unsigned}")
 
 
-@pytest.mark.parametrize("rank", [16, 48, 112, 128])
-@pytest.mark.parametrize("m,k", [(500, 64), (500, 3072), (192, 256)])
-def test_gemm_ranks(m, k, rank):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rank", [16, 48, 64, 96, 112, 128])
+@pytest.mark.parametrize("m,k", [(500, 64), (257, 320), (500, 3072), (192, 256)])
+def test_gemm_ranks(m, k, rank, dtype):
     """The epilogue's lora_act rows are staged in 1 (rank <= 32) to 4 (rank 128) activation slots,
     the slots the stages after the last one would use: short K (K = 64: one stage, slots never
-    used by the mainloop) and long K, a full and a partial last token tile."""
+    used by the mainloop; K = 320: three stages), long K, a full and a partial last token tile."""
     gen = torch.Generator(device="cuda").manual_seed(m + k + rank)
-    layer = make_layer(k, 384, rank, torch.bfloat16, gen)
-    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    layer = make_layer(k, 384, rank, dtype, gen)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
     out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
     exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], exact=True)
-    check_close(out, exact, torch.bfloat16, f"gemm m={m} k={k} rank={rank}")
+    check_close(out, exact, dtype, f"gemm m={m} k={k} rank={rank} {dtype}")
 
 
 def test_gemm_rejects_bad_arguments():
