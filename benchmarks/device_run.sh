@@ -23,7 +23,6 @@ RUN_TESTS=1
 RUN_NCU=0
 RUN_NCU_SOURCE=0
 RUN_BENCH=1
-RUN_ABLATE=0
 for a in "$@"; do
   case "$a" in
     --quick) BENCH_ARGS+=(--quick) ;;
@@ -31,7 +30,8 @@ for a in "$@"; do
     --ncu) RUN_NCU=1 ;;
     --ncu-source) RUN_NCU_SOURCE=1 ;;
     --no-bench) RUN_BENCH=0 ;;
-    --ablate) RUN_ABLATE=1 ;;
+    # Ablations (wrong results, timing only) are A/B builds with the switches of gemm_mainloop.cuh.
+    --ablate) NUNCHAKU_AB="${NUNCHAKU_AB:-} no_unpack=-DNUNCHAKU_ABLATE_UNPACK no_promote=-DNUNCHAKU_ABLATE_PROMOTE neither=-DNUNCHAKU_ABLATE_UNPACK,-DNUNCHAKU_ABLATE_PROMOTE" ;;
   esac
 done
 
@@ -155,18 +155,6 @@ fi
 if [ "$RUN_BENCH" -eq 1 ]; then
   timeout 400 python3 benchmarks/gemm.py "${BENCH_ARGS[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -E "^\||unavailable|Error|error"
   timeout 200 python3 benchmarks/w4a16.py --json "$OUT/w4a16.json" 2>&1 | tee "$OUT/w4a16.log" | grep -E "^\||T5|Error|error"
-fi
-
-if [ "$RUN_ABLATE" -eq 1 ]; then
-  # GEMM time with parts of the work switched off (wrong results): what limits the kernel.
-  # The tree's build is timed first, the ablation builds replace nunchaku/_C*.so one after another.
-  { echo "== ablation: baseline"; timeout 120 python3 benchmarks/gemm.py --gemm-only; } 2>&1 | tee "$OUT/ablate.log"
-  for defs in "-DNUNCHAKU_ABLATE_UNPACK" "-DNUNCHAKU_ABLATE_PROMOTE" "-DNUNCHAKU_ABLATE_UNPACK -DNUNCHAKU_ABLATE_PROMOTE"; do
-    tag=$(echo "$defs" | tr -d ' -' )
-    NUNCHAKU_NVCC_DEFINES="$defs" NUNCHAKU_BUILD_DIR="build/_C_$tag" python3 benchmarks/build_ext.py > /dev/null 2>&1 || echo "build $defs failed"
-    { echo "== ablation: $defs"; timeout 120 python3 benchmarks/gemm.py --gemm-only; } 2>&1 | tee -a "$OUT/ablate.log"
-  done
-  python3 benchmarks/build_ext.py > /dev/null 2>&1
 fi
 
 if [ "${#AB_NAMES[@]}" -gt 0 ]; then
