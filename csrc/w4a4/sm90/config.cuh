@@ -53,6 +53,9 @@ struct alignas(1024) SharedStorage {
 constexpr int kMaxRank = 128;
 static_assert(kBlockN * kMaxRank * 2 <= kStages * kWPackedTileBytes, "lora_up tile must fit the packed ring");
 __host__ __device__ constexpr int act_rows_per_slot(int rank) { return kActTileBytes / (rank * 4); }
+// The activation slot that holds piece `piece` (rows piece * act_rows_per_slot(R) onwards) of
+// lora_act: the slot of virtual stage KT + piece. The producer fills it, the epilogue reads it.
+__host__ __device__ constexpr int act_slot_of_piece(int KT, int piece) { return (KT + piece) % kStages; }
 static_assert((kBlockM + act_rows_per_slot(kMaxRank) - 1) / act_rows_per_slot(kMaxRank) <= kStages,
               "lora_act rows must fit the activation slots");
 

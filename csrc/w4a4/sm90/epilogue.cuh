@@ -16,7 +16,7 @@ struct SharedEpilogueOperands {
     if (row >= M) return nullptr;
     const int local = row - m0, per_slot = act_rows_per_slot(R);
     const int piece = local / per_slot;
-    return reinterpret_cast<const float*>(sm.act[(KT + piece) % kStages]) + (local - piece * per_slot) * R;
+    return reinterpret_cast<const float*>(sm.act[act_slot_of_piece(KT, piece)]) + (local - piece * per_slot) * R;
   }
   __device__ __forceinline__ float2 lora_act_pair(const float* row, int r) const {
     return *reinterpret_cast<const float2*>(row + r);

@@ -82,7 +82,7 @@ __device__ __forceinline__ void stage_epilogue_operands(SharedStorage& sm, const
   ptx::bulk_g2s(sm.bias, static_cast<const uint16_t*>(ep.bias) + n0, kBlockN * 2, &sm.epilogue_full);
   for (int i = 0; i < pieces; ++i) {
     const int v = p.KT + i;
-    const int s = v % kStages;
+    const int s = act_slot_of_piece(p.KT, i);
     ptx::mbar_wait(&sm.empty[s], ((v / kStages) & 1) ^ 1);
     const int n_rows = min(rows_per_slot, rows - i * rows_per_slot);
     ptx::bulk_g2s(sm.act[s], ep.lora_act + static_cast<int64_t>(m0 + i * rows_per_slot) * ep.R, n_rows * ep.R * 4,
