@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from nunchaku.formats import CheckpointError, Generation, write_official
-from nunchaku.models.flux import SVDQFluxSingleTransformerBlock, iter_quantized_modules, to_nunchaku_layout
+from nunchaku.models.flux import (
+    SVDQFluxSingleTransformerBlock,
+    SVDQFluxTransformerBlock,
+    _joined_sequence,
+    iter_quantized_modules,
+    to_nunchaku_layout,
+)
 from nunchaku.models.flux_loading import layout_to_official, quantized_layers, save_quantized_transformer
 from nunchaku.models.tiny import TinyFluxConfig, build_tiny_flux_pipeline
 from nunchaku.nn import AWQW4A16Linear, SVDQW4A4Linear
@@ -42,11 +48,25 @@ def test_layout_computes_the_diffusers_function_for_any_batch_and_resolution():
     original = pipe.transformer.eval()
     layout = to_nunchaku_layout(copy.deepcopy(original))
     assert isinstance(layout.single_transformer_blocks[0], SVDQFluxSingleTransformerBlock)
+    assert isinstance(layout.transformer_blocks[0], SVDQFluxTransformerBlock)
     assert not hasattr(layout.transformer_blocks[0].attn, "to_q")
     for batch, h, w in ((1, 64, 64), (3, 48, 80), (2, 16, 16)):
         inp = transformer_inputs(batch, h, w, dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(layout(**inp)[0], original(**inp)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_single_blocks_reuse_the_joined_tensor_they_were_given_as_two_halves():
+    """A single block returns the text and image halves of one tensor; the next block joins them
+    again. Where they still are those two halves, the join is the tensor itself, without a copy;
+    in every other case it is a real concatenation."""
+    joined = torch.randn(2, 7, 16)
+    text, image = joined[:, :3], joined[:, 3:]
+    assert _joined_sequence(text, image) is joined
+    moved = image + 1  # e.g. a ControlNet residual added: a new tensor
+    for enc, hid in ((image, text), (text.clone(), image), (text, image[:, 1:]), (joined[:, :2], image), (text, moved)):
+        cat = _joined_sequence(enc, hid)
+        assert cat is not joined and torch.equal(cat, torch.cat([enc, hid], dim=1))
 
 
 def test_every_quantized_module_is_in_place(saved):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.normalization import RMSNorm
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle, RMSNorm
 from diffusers.models.transformers.transformer_flux import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
@@ -39,7 +39,7 @@ from torch import nn
 from .. import ops
 from ..nn import AWQW4A16Linear, SVDQW4A4Linear
 from ..nn.utils import set_submodule
-from ..ops import rmsnorm_rope_triton
+from ..ops import adaln_triton, rmsnorm_rope_triton
 from ..quant.quantizer import QuantPlan, QuantResult, W4A4Group, W4A16Target
 from ..quant.weights import W4A4Weights, W4A16Weights
 
@@ -114,6 +114,82 @@ def _split_linear_k(linear: nn.Linear, k_split: int) -> tuple[nn.Linear, nn.Line
     return first, second
 
 
+def _fused_kernels_apply(*tensors: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels may replace diffusers' elementwise code: eager inference.
+    Not under NUNCHAKU_BACKEND=reference, not under torch.compile (which fuses diffusers' code by
+    itself), not where gradients are needed (the fused ops have no backward)."""
+    if torch.compiler.is_compiling() or ops.requested_backend() is ops.Backend.REFERENCE:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _plain_layer_norm_eps(norm: nn.Module) -> float | None:
+    """eps of a LayerNorm over the last dim without affine parameters (every LayerNorm of the FLUX
+    blocks), else None: the fused kernels implement only that one."""
+    if type(norm) is nn.LayerNorm and norm.weight is None and norm.bias is None and len(norm.normalized_shape) == 1:
+        return norm.eps
+    return None
+
+
+def layer_norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """diffusers' `norm(x) * (1 + scale[:, None]) + shift[:, None]`; one fused kernel in eager mode
+    on CUDA (nunchaku.ops.adaln_triton, same roundings)."""
+    eps = _plain_layer_norm_eps(norm)
+    if (eps is not None and _fused_kernels_apply(x, shift, scale)
+            and adaln_triton.fused_adaln_problem(x, shift=shift, scale=scale) is None):
+        return adaln_triton.adaln_modulate(x, shift, scale, eps)
+    return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None,
+                   *, clip_fp16: bool) -> torch.Tensor:
+    """`residual + gate[:, None] * (out [+ out2])`, an fp16 result clipped to +-65504 if clip_fp16
+    (where the FLUX blocks clip); one fused kernel in eager mode on CUDA."""
+    rows = (residual, gate, out) if out2 is None else (residual, gate, out, out2)
+    if (_fused_kernels_apply(*rows)
+            and adaln_triton.fused_adaln_problem(residual, gate=gate, out=out, out2=out2) is None):
+        return adaln_triton.gated_residual(residual, gate, out, out2, clip_fp16=clip_fp16)
+    return adaln_triton.reference_gated_residual(residual, gate, out, out2, clip_fp16=clip_fp16)
+
+
+def gated_residual_norm_modulate(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, norm: nn.Module,
+                                 shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y) with h = residual + gate[:, None] * out (not clipped) and y = layer_norm_modulate(norm,
+    h, shift, scale): the step between a FLUX double block's attention and its MLP, one fused kernel
+    in eager mode on CUDA."""
+    eps = _plain_layer_norm_eps(norm)
+    if (eps is not None and _fused_kernels_apply(residual, gate, out, shift, scale)
+            and adaln_triton.fused_adaln_problem(residual, gate=gate, out=out, shift=shift, scale=scale) is None):
+        return adaln_triton.gated_residual_adaln(residual, gate, out, shift, scale, eps)
+    h = residual + gate[:, None] * out
+    return h, norm(h) * (1 + scale[:, None]) + shift[:, None]
+
+
+def ada_layer_norm_zero(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What diffusers' AdaLayerNormZero(Single) returns for (x, emb=temb), its LayerNorm and
+    modulation done by layer_norm_modulate. Any other norm module is called as it is."""
+    if type(norm) not in (AdaLayerNormZero, AdaLayerNormZeroSingle) or getattr(norm, "emb", None) is not None:
+        return norm(x, emb=temb)
+    shift, scale, *rest = norm.linear(norm.silu(temb)).chunk(6 if type(norm) is AdaLayerNormZero else 3, dim=1)
+    return (layer_norm_modulate(norm.norm, x, shift, scale), *rest)
+
+
+def _joined_sequence(encoder_hidden_states: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """torch.cat([encoder_hidden_states, hidden_states], dim=1), without the copy when the two are
+    the text and image halves of one tensor, as the previous single block returns them (the halves
+    share its memory, so it holds exactly their concatenation)."""
+    base = encoder_hidden_states._base
+    if (base is not None and hidden_states._base is base and not torch.compiler.is_compiling()
+            and base.dim() == 3 and base.is_contiguous()
+            and base.shape == (hidden_states.shape[0], encoder_hidden_states.shape[1] + hidden_states.shape[1],
+                               hidden_states.shape[2])
+            and encoder_hidden_states.stride() == base.stride() == hidden_states.stride()
+            and encoder_hidden_states.data_ptr() == base.data_ptr()
+            and hidden_states.data_ptr() == base[:, encoder_hidden_states.shape[1]:].data_ptr()):
+        return base
+    return torch.cat([encoder_hidden_states, hidden_states], dim=1)
+
+
 def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """`apply_rotary_emb(norm(x))` for queries or keys x [B, T, H, D] (rotary: the (cos, sin)
     tables of these T tokens, or None). In eager mode on a CUDA GPU this is one fused kernel
@@ -123,11 +199,8 @@ def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor
     # torch.nn.RMSNorm rounds once (x * rstd * weight); diffusers' class rounds before the weight.
     round_before_weight = {torch.nn.RMSNorm: False, RMSNorm: True}.get(type(norm))
     weight = getattr(norm, "weight", None)
-    # The fused op has no backward: it serves inference (no_grad, as diffusers pipelines run).
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     if (rotary is not None and round_before_weight is not None and weight is not None
-            and getattr(norm, "bias", None) is None and not torch.compiler.is_compiling() and not needs_grad
-            and ops.requested_backend() is not ops.Backend.REFERENCE
+            and getattr(norm, "bias", None) is None and _fused_kernels_apply(x, weight)
             and rmsnorm_rope_triton.rmsnorm_rope_problem(x, weight, rotary[0]) is None):
         eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
         return rmsnorm_rope_triton.rmsnorm_rope(x, weight, rotary[0], rotary[1], eps, round_before_weight)
@@ -199,20 +272,49 @@ class SVDQFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         text_seq_len = encoder_hidden_states.shape[1]
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        residual = hidden_states
-        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        residual = _joined_sequence(encoder_hidden_states, hidden_states)
+        norm_hidden_states, gate = ada_layer_norm_zero(self.norm, residual, temb)
         inner = self.attn.inner_dim
         qkv, mlp_hidden = self.qkv_mlp(norm_hidden_states).split([3 * inner, self.mlp_hidden_dim], dim=-1)
         query, key, value = (t.unflatten(-1, (-1, self.attn.head_dim)) for t in qkv.chunk(3, dim=-1))
         query = norm_and_rotate(query, self.attn.norm_q, image_rotary_emb)
         key = norm_and_rotate(key, self.attn.norm_k, image_rotary_emb)
         attn_output = dispatch_attention_fn(query, key, value).flatten(2, 3).to(query.dtype)
-        out = self.attn_out(attn_output) + self.mlp_out(self.act_mlp(mlp_hidden))
-        hidden_states = residual + gate.unsqueeze(1) * out
-        if hidden_states.dtype == torch.float16:
-            hidden_states = hidden_states.clip(-65504, 65504)
+        attn_part, mlp_part = self.attn_out(attn_output), self.mlp_out(self.act_mlp(mlp_hidden))
+        hidden_states = gated_residual(residual, gate, attn_part, mlp_part, clip_fp16=True)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+class SVDQFluxTransformerBlock(FluxTransformerBlock):
+    """A FLUX double block in the nunchaku layout: diffusers' FluxTransformerBlock with the same
+    submodules and math, its elementwise work (AdaLN modulation, gated residual adds, the
+    LayerNorms) done by layer_norm_modulate, gated_residual_norm_modulate and gated_residual,
+    which are fused kernels in eager mode on CUDA."""
+
+    @classmethod
+    def from_block(cls, block: FluxTransformerBlock) -> SVDQFluxTransformerBlock:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in block.named_children():
+            setattr(new, name, child)
+        return new
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada_layer_norm_zero(
+            self.norm1, hidden_states, temb)
+        norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ada_layer_norm_zero(
+            self.norm1_context, encoder_hidden_states, temb)
+        attn_output, context_attn_output = self.attn(
+            hidden_states=norm_hidden_states, encoder_hidden_states=norm_context, image_rotary_emb=image_rotary_emb,
+            **(joint_attention_kwargs or {}))
+        hidden_states, norm_hidden_states = gated_residual_norm_modulate(
+            hidden_states, gate_msa, attn_output, self.norm2, shift_mlp, scale_mlp)
+        hidden_states = gated_residual(hidden_states, gate_mlp, self.ff(norm_hidden_states), clip_fp16=False)
+        encoder_hidden_states, norm_context = gated_residual_norm_modulate(
+            encoder_hidden_states, c_gate_msa, context_attn_output, self.norm2_context, c_shift_mlp, c_scale_mlp)
+        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context(norm_context),
+                                               clip_fp16=True)
+        return encoder_hidden_states, hidden_states
 
 
 def _fuse_double_block(block: FluxTransformerBlock) -> None:
@@ -235,8 +337,9 @@ def to_nunchaku_layout(transformer: FluxTransformer2DModel) -> FluxTransformer2D
         raise FluxLayoutError(f"expected a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
     if is_nunchaku_layout(transformer):
         return transformer
-    for block in transformer.transformer_blocks:
+    for i, block in enumerate(transformer.transformer_blocks):
         _fuse_double_block(block)
+        transformer.transformer_blocks[i] = SVDQFluxTransformerBlock.from_block(block)
     for i, block in enumerate(transformer.single_transformer_blocks):
         transformer.single_transformer_blocks[i] = SVDQFluxSingleTransformerBlock.from_block(block)
     transformer._nunchaku_layout = True
