@@ -108,11 +108,11 @@ lu = torch.randn(128, 32, device="cuda").bfloat16(); b = torch.zeros(128, device
 out = torch.empty(8, 128, device="cuda").bfloat16()
 try:
     if probe == "gemm_wscales":
-        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp[:2], la, lu, b, out)
+        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp[:2], la, lu, b, 128, out)
     elif probe == "gemm_wscales_dtype":
-        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp.half(), la, lu, b, out)
+        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp.half(), la, lu, b, 128, out)
     elif probe == "gemm_dtype":
-        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp, la, lu.half(), b, out)
+        torch.ops.nunchaku.w4a4_gemm_sm90(c, s, wp, wsp, la, lu.half(), b, 128, out)
     elif probe == "quant_k":
         torch.ops.nunchaku.w4a4_quantize_act_sm90(x[:, :100], smooth[:100], ld[:100], False, c[:, :100], s, la)
     elif probe == "quant_rank":

@@ -12,13 +12,13 @@ TORCH_LIBRARY(nunchaku, m) {
       "Tensor(a!) act_codes, Tensor(b!) act_scales, Tensor(c!) lora_act) -> ()");
   m.def(
       "w4a4_gemm_sm90(Tensor act_codes, Tensor act_scales, Tensor wcodes_packed, Tensor wscales_packed, "
-      "Tensor lora_act, Tensor lora_up, Tensor bias, Tensor(a!) out) -> ()");
+      "Tensor lora_act, Tensor lora_up, Tensor bias, int gelu_from, Tensor(a!) out) -> ()");
   m.def(
       "w4a4_quantize_act_sm80(Tensor x, Tensor smooth, Tensor lora_down, bool act_unsigned, "
       "Tensor(a!) act_codes, Tensor(b!) act_scales, Tensor(c!) lora_act) -> ()");
   m.def(
       "w4a4_gemm_sm80(Tensor act_codes, Tensor act_scales, Tensor wcodes, Tensor wscales, "
-      "Tensor lora_act, Tensor lora_up, Tensor bias, bool act_unsigned, Tensor(a!) out) -> ()");
+      "Tensor lora_act, Tensor lora_up, Tensor bias, bool act_unsigned, int gelu_from, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nunchaku, CUDA, m) {

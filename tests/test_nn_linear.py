@@ -81,6 +81,24 @@ def test_w4a16_module_matches_the_specification(group_size):
     torch.testing.assert_close(layer(x) - no_bias(x), weights.bias.expand(3, 4, 96), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gelu_from", [0, 130, 256])
+def test_w4a4_module_applies_gelu_to_the_columns_asked(gelu_from, dtype):
+    """forward(x, gelu_from=g): what an MLP up-projection followed by its tanh GELU gives (the
+    kernels do it in their epilogue; the reference path does it the PyTorch way, bit for bit)."""
+    layer = SVDQW4A4Linear.from_weights(make_w4a4(), dtype=dtype)
+    x = torch.randn(2, 7, 320).to(dtype)
+    plain = layer(x)
+    fused = layer(x, gelu_from=gelu_from)
+    expected = torch.cat([plain[..., :gelu_from],
+                          torch.nn.functional.gelu(plain[..., gelu_from:], approximate="tanh")], dim=-1)
+    assert torch.equal(fused, expected)
+    assert gelu_from == 256 or not torch.equal(fused, plain)
+    for bad in (131, -2, 258):
+        with pytest.raises(ValueError, match=f"gelu_from = {bad} must be an even column index"):
+            layer(x, gelu_from=bad)
+
+
 def test_reference_ops_compose_to_the_linear():
     weights = make_w4a4(unsigned=True)
     x = torch.nn.functional.gelu(torch.randn(11, 320))

@@ -43,6 +43,12 @@ inline void check_operand(const char* op, const at::Tensor& t, const char* name,
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name, " must be 16-byte aligned");
 }
 
+// The GEMM epilogue's GELU starts at an even column (it handles columns in pairs); N means none.
+inline void check_gelu_from(const char* op, int64_t gelu_from, int64_t N) {
+  TORCH_CHECK(gelu_from >= 0 && gelu_from <= N && gelu_from % 2 == 0, op, ": gelu_from = ", num(gelu_from),
+              " must be an even column index in [0, N = ", num(N), "]");
+}
+
 // The kernels of one op are built for one architecture family; the library also carries them
 // (as empty bodies) for the others, so the device is checked before any launch.
 struct DeviceInfo {

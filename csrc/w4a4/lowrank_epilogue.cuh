@@ -1,4 +1,6 @@
-// The epilogue both W4A4 GEMMs share: y = acc + lora_act @ lora_up^T + bias, rounded once.
+// The epilogue both W4A4 GEMMs share: y = acc + lora_act @ lora_up^T + bias, rounded once; on the
+// columns n >= gelu_from, GELU (tanh) of that rounded value, rounded again (the MLP up-projections:
+// the same values as PyTorch's GELU kernel reading the stored output, without its pass over it).
 //
 // Both mainloops leave a warp's result as mma.sync m16n8 C fragments (the wgmma m64nN
 // accumulator of a warp is laid out as N/8 of them; the sm_80 kernel accumulates in them
@@ -8,6 +10,7 @@
 // operand alone gives 8 or 11), for R/8 extra mma.sync per n8 block.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "dtype.cuh"
@@ -21,7 +24,17 @@ struct EpilogueParams {
   const void* bias;       // [N] out dtype
   void* out;              // [M, N] out dtype
   int M, N, R;
+  int gelu_from;          // first column that gets GELU; N: none
 };
+
+// PyTorch's CUDA GELU (approximate="tanh") on an fp32 value, in the same operation order.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+  constexpr float kKappa = 0.044715f;
+  const float x_cube = x * x * x;
+  const float inner = kBeta * (x + kKappa * x_cube);
+  return 0.5f * x * (1.0f + tanhf(inner));
+}
 
 // Epilogue operands read straight from global memory (the sm_80 kernel).
 struct GlobalEpilogueOperands {
@@ -94,8 +107,14 @@ __device__ __forceinline__ void lowrank_bias_store(const EpilogueParams& p, cons
   for (int j = 0; j < kNTiles; ++j) {
     const int n = n_base + 8 * j + kq;
     const float2 b = H::to_float2(src.bias_pair(n));
-    if (va) out_a[n / 2] = H::pack(acc[4 * j] + b.x, acc[4 * j + 1] + b.y);
-    if (vb) out_b[n / 2] = H::pack(acc[4 * j + 2] + b.x, acc[4 * j + 3] + b.y);
+    float y[4] = {acc[4 * j] + b.x, acc[4 * j + 1] + b.y, acc[4 * j + 2] + b.x, acc[4 * j + 3] + b.y};
+    // gelu_from is even, so both columns of a pair are on the same side of it.
+    if (n >= p.gelu_from) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) y[i] = gelu_tanh(H::round_trip(y[i]));
+    }
+    if (va) out_a[n / 2] = H::pack(y[0], y[1]);
+    if (vb) out_b[n / 2] = H::pack(y[2], y[3]);
   }
 }
 

@@ -11,7 +11,7 @@ void quantize_act_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::
 
 void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wcodes_packed,
                const at::Tensor& wscales_packed, const at::Tensor& lora_act, const at::Tensor& lora_up,
-               const at::Tensor& bias, at::Tensor& out);
+               const at::Tensor& bias, int64_t gelu_from, at::Tensor& out);
 
 // Ampere/Ada INT4 tensor-core path (runs on sm_80..sm_90); see nunchaku/ops/sm80_layout.py.
 void quantize_act_sm80(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
@@ -19,6 +19,6 @@ void quantize_act_sm80(const at::Tensor& x, const at::Tensor& smooth, const at::
 
 void gemm_sm80(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wcodes,
                const at::Tensor& wscales, const at::Tensor& lora_act, const at::Tensor& lora_up,
-               const at::Tensor& bias, bool act_unsigned, at::Tensor& out);
+               const at::Tensor& bias, bool act_unsigned, int64_t gelu_from, at::Tensor& out);
 
 }  // namespace nunchaku::w4a4

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.models.activations import GELU as DiffusersGELU
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle, RMSNorm
 from diffusers.models.transformers.transformer_flux import (
@@ -174,6 +175,25 @@ def ada_layer_norm_zero(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor) ->
     return (layer_norm_modulate(norm.norm, x, shift, scale), *rest)
 
 
+def _is_tanh_gelu(act: nn.Module) -> bool:
+    """torch's nn.GELU(approximate="tanh") (single blocks) or diffusers' GELU projection module
+    with the same activation (the feed-forwards' net[0])."""
+    return type(act) in (nn.GELU, DiffusersGELU) and act.approximate == "tanh"
+
+
+def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' FeedForward(x); where its up-projection is a W4A4 module followed by a tanh GELU,
+    the GELU runs in that GEMM's epilogue instead of as a pass of its own over the widest tensor
+    of the block."""
+    act = ff.net[0]
+    if not (_is_tanh_gelu(act) and isinstance(act.proj, SVDQW4A4Linear)):
+        return ff(x)
+    x = act.proj(x, gelu_from=0)
+    for module in ff.net[1:]:
+        x = module(x)
+    return x
+
+
 def _joined_sequence(encoder_hidden_states: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
     """torch.cat([encoder_hidden_states, hidden_states], dim=1), without the copy when the two are
     the text and image halves of one tensor, as the previous single block returns them (the halves
@@ -275,12 +295,18 @@ class SVDQFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         residual = _joined_sequence(encoder_hidden_states, hidden_states)
         norm_hidden_states, gate = ada_layer_norm_zero(self.norm, residual, temb)
         inner = self.attn.inner_dim
-        qkv, mlp_hidden = self.qkv_mlp(norm_hidden_states).split([3 * inner, self.mlp_hidden_dim], dim=-1)
+        widths = [3 * inner, self.mlp_hidden_dim]
+        if isinstance(self.qkv_mlp, SVDQW4A4Linear) and _is_tanh_gelu(self.act_mlp):
+            # The MLP half's GELU runs in the GEMM's epilogue.
+            qkv, mlp_act = self.qkv_mlp(norm_hidden_states, gelu_from=3 * inner).split(widths, dim=-1)
+        else:
+            qkv, mlp_hidden = self.qkv_mlp(norm_hidden_states).split(widths, dim=-1)
+            mlp_act = self.act_mlp(mlp_hidden)
         query, key, value = (t.unflatten(-1, (-1, self.attn.head_dim)) for t in qkv.chunk(3, dim=-1))
         query = norm_and_rotate(query, self.attn.norm_q, image_rotary_emb)
         key = norm_and_rotate(key, self.attn.norm_k, image_rotary_emb)
         attn_output = dispatch_attention_fn(query, key, value).flatten(2, 3).to(query.dtype)
-        attn_part, mlp_part = self.attn_out(attn_output), self.mlp_out(self.act_mlp(mlp_hidden))
+        attn_part, mlp_part = self.attn_out(attn_output), self.mlp_out(mlp_act)
         hidden_states = gated_residual(residual, gate, attn_part, mlp_part, clip_fp16=True)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
@@ -309,11 +335,12 @@ class SVDQFluxTransformerBlock(FluxTransformerBlock):
             **(joint_attention_kwargs or {}))
         hidden_states, norm_hidden_states = gated_residual_norm_modulate(
             hidden_states, gate_msa, attn_output, self.norm2, shift_mlp, scale_mlp)
-        hidden_states = gated_residual(hidden_states, gate_mlp, self.ff(norm_hidden_states), clip_fp16=False)
+        hidden_states = gated_residual(hidden_states, gate_mlp, feed_forward(self.ff, norm_hidden_states),
+                                       clip_fp16=False)
         encoder_hidden_states, norm_context = gated_residual_norm_modulate(
             encoder_hidden_states, c_gate_msa, context_attn_output, self.norm2_context, c_shift_mlp, c_scale_mlp)
-        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context(norm_context),
-                                               clip_fp16=True)
+        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp,
+                                               feed_forward(self.ff_context, norm_context), clip_fp16=True)
         return encoder_hidden_states, hidden_states
 
 

@@ -238,8 +238,12 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
                 self._lowrank_cache = (down, up)
         return self._lowrank_cache
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu_from: int | None = None) -> torch.Tensor:
+        """gelu_from: apply GELU (approximate="tanh") to the output columns from this one on, in the
+        kernels' epilogue (an MLP up-projection followed by its activation, in one pass; even)."""
         _check_input(self, x)
+        if gelu_from is not None and not (0 <= gelu_from <= self.out_features and gelu_from % 2 == 0):
+            raise ValueError(f"gelu_from = {gelu_from} must be an even column index in [0, {self.out_features}]")
         lead = x.shape[:-1]
         lora_down, lora_up = self.lowrank_factors()
         x2 = x.reshape(-1, self.in_features)
@@ -250,12 +254,12 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
                              WeightLayout.SM80: sm80.w4a4_linear_sm80}[self.weight_layout]
             y = kernel_linear(
                 x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
-                self.act_unsigned,
+                self.act_unsigned, gelu_from,
             ).to(x.dtype)
         else:
             y = ops.w4a4_linear(
                 x2, self.qweight, self.wscales, self.smooth,
-                lora_down, lora_up, self.bias, self.act_unsigned, self.group_size,
+                lora_down, lora_up, self.bias, self.act_unsigned, self.group_size, gelu_from,
             )
         return y.reshape(*lead, self.out_features)
 
@@ -324,8 +328,12 @@ class AWQW4A16Linear(LowRankAdapters, nn.Module):
             wzeros=self.wzeros, bias=self.bias, group_size=self.group_size,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu_from: int | None = None) -> torch.Tensor:
+        """gelu_from: apply GELU (approximate="tanh") to the output columns from this one on, in the
+        kernels' epilogue (an MLP up-projection followed by its activation, in one pass; even)."""
         _check_input(self, x)
+        if gelu_from is not None and not (0 <= gelu_from <= self.out_features and gelu_from % 2 == 0):
+            raise ValueError(f"gelu_from = {gelu_from} must be an even column index in [0, {self.out_features}]")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         y = ops.w4a16_linear(x2, self.qweight, self.wscales, self.wzeros, self.bias, self.group_size)

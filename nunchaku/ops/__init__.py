@@ -117,10 +117,13 @@ def w4a4_linear(
     bias: torch.Tensor,
     act_unsigned: bool,
     group_size: int = 64,
+    gelu_from: int | None = None,
 ) -> torch.Tensor:
-    """SVDQuant W4A4 linear on x [M, K] -> [M, N] in x.dtype (see nunchaku.quant.svdquant)."""
+    """SVDQuant W4A4 linear on x [M, K] -> [M, N] in x.dtype (see nunchaku.quant.svdquant), with
+    GELU (tanh) on the output columns from gelu_from on."""
     codes, scales, lora_act = reference.w4a4_quantize_act_fuse_lora(x, smooth, lora_down, act_unsigned, group_size)
-    return reference.w4a4_gemm(codes, scales, qweight_packed, wscales, lora_act, lora_up, bias, x.dtype, group_size)
+    return reference.w4a4_gemm(codes, scales, qweight_packed, wscales, lora_act, lora_up, bias, x.dtype, group_size,
+                               gelu_from)
 
 
 def use_triton_w4a16(x: torch.Tensor, group_size: int) -> bool:

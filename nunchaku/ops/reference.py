@@ -33,15 +33,28 @@ def w4a4_gemm(
     bias: torch.Tensor,
     out_dtype: torch.dtype,
     group_size: int = 64,
+    gelu_from: int | None = None,
 ) -> torch.Tensor:
     """y [M, N] (out_dtype) = Σ_g act_scales[m,g]·wscales[n,g]·Σ_{k∈g} act[m,k]·w[n,k]
-    + lora_act·lora_upᵀ + bias, accumulated in float32 and rounded once.
+    + lora_act·lora_upᵀ + bias, accumulated in float32 and rounded once; then GELU (tanh) on the
+    columns from gelu_from on (gelu_columns).
     qweight_packed uint8 [N, K/2] (nibble-packed signed codes), wscales [N, K/G],
     lora_act float32 [M, R], lora_up [N, R], bias [N]."""
     a = dequantize_int4(act_codes, act_scales, group_size)
     w = dequantize_int4(unpack_int4_nibbles(qweight_packed, signed=True), wscales, group_size)
     y = a @ w.T + lora_act.float() @ lora_up.float().T + bias.float()
-    return y.to(out_dtype)
+    return gelu_columns(y.to(out_dtype), gelu_from)
+
+
+def gelu_columns(y: torch.Tensor, gelu_from: int | None) -> torch.Tensor:
+    """y [M, N] with GELU (approximate="tanh", in y's dtype, as PyTorch computes it) applied to
+    the columns from gelu_from on: what the W4A4 GEMMs' epilogue does to their rounded output.
+    None (or N): y unchanged."""
+    if gelu_from is None or gelu_from >= y.shape[-1]:
+        return y
+    if gelu_from == 0:
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    return torch.cat([y[..., :gelu_from], torch.nn.functional.gelu(y[..., gelu_from:], approximate="tanh")], dim=-1)
 
 
 def w4a16_gemm(

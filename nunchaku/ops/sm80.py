@@ -39,20 +39,24 @@ def w4a4_gemm_sm80(
     lora_up: torch.Tensor,
     bias: torch.Tensor,
     act_unsigned: bool = False,
+    gelu_from: int | None = None,
 ) -> torch.Tensor:
-    """W4A4 GEMM on the INT4 tensor cores with the low-rank up projection and bias fused.
+    """W4A4 GEMM on the INT4 tensor cores with the low-rank up projection and bias fused, and GELU
+    (tanh) on the output columns from ``gelu_from`` on (even; None: no GELU).
 
     Returns ``y [M, N]`` in lora_up's dtype (bf16 or fp16).
     """
     load_extension()
-    out = torch.empty((act_codes.shape[0], lora_up.shape[0]), dtype=lora_up.dtype, device=act_codes.device)
+    n = lora_up.shape[0]
+    out = torch.empty((act_codes.shape[0], n), dtype=lora_up.dtype, device=act_codes.device)
     torch.ops.nunchaku.w4a4_gemm_sm80(act_codes, act_scales, wcodes, wscales, lora_act, lora_up, bias,
-                                      act_unsigned, out)
+                                      act_unsigned, n if gelu_from is None else gelu_from, out)
     return out
 
 
 @fake_for("nunchaku::w4a4_gemm_sm80")
-def _w4a4_gemm_sm80_fake(act_codes, act_scales, wcodes, wscales, lora_act, lora_up, bias, act_unsigned, out) -> None:
+def _w4a4_gemm_sm80_fake(act_codes, act_scales, wcodes, wscales, lora_act, lora_up, bias, act_unsigned, gelu_from,
+                         out) -> None:
     torch._check(out.shape[0] == act_codes.shape[0] and out.shape[1] == lora_up.shape[0])
     torch._check(out.dtype == lora_up.dtype)
 
@@ -66,7 +70,9 @@ def w4a4_linear_sm80(
     lora_up: torch.Tensor,
     bias: torch.Tensor,
     act_unsigned: bool = False,
+    gelu_from: int | None = None,
 ) -> torch.Tensor:
-    """The whole SVDQuant W4A4 linear on the INT4 tensor cores: quantize (+ low-rank down) then GEMM."""
+    """The whole SVDQuant W4A4 linear on the INT4 tensor cores: quantize (+ low-rank down) then GEMM
+    (+ up, bias, GELU on the columns from gelu_from on)."""
     act_codes, act_scales, lora_act = w4a4_quantize_act_sm80(x, smooth, lora_down, act_unsigned)
-    return w4a4_gemm_sm80(act_codes, act_scales, wcodes, wscales, lora_act, lora_up, bias, act_unsigned)
+    return w4a4_gemm_sm80(act_codes, act_scales, wcodes, wscales, lora_act, lora_up, bias, act_unsigned, gelu_from)

@@ -12,6 +12,7 @@ from w4a4_helpers import (
     FLUX_KN,
     check_close,
     check_cuda_graph_replay,
+    check_gelu_epilogue,
     random_layer,
     rel_err,
 )
@@ -105,6 +106,18 @@ def test_noncontiguous_x():
     assert rel_err(lora_act, rl) < 1e-5
 
 
+@pytest.mark.parametrize("gelu_from", [0, 130, 384])
+def test_gemm_gelu_epilogue(gelu_from):
+    gen = torch.Generator(device="cuda").manual_seed(gelu_from)
+    layer = make_layer(192, 384, 32, torch.bfloat16, gen)
+    x = (torch.randn(257, 192, generator=gen, device="cuda") * 2).to(torch.bfloat16)
+    codes, scales, lora_act = sm80.w4a4_quantize_act_sm80(x, layer["smooth"], layer["lora_down"])
+    args = (codes, scales, layer["wc"], layer["ws"], lora_act, layer["lora_up"], layer["bias"], False)
+    check_gelu_epilogue(sm80.w4a4_gemm_sm80(*args), sm80.w4a4_gemm_sm80(*args, gelu_from=gelu_from), gelu_from)
+    with pytest.raises(RuntimeError, match="gelu_from = 386"):
+        sm80.w4a4_gemm_sm80(*args, gelu_from=386)
+
+
 def test_rejects_bad_arguments():
     gen = torch.Generator(device="cuda").manual_seed(3)
     layer = make_layer(256, 128, 32, torch.bfloat16, gen)
@@ -113,10 +126,11 @@ def test_rejects_bad_arguments():
     out = torch.empty(8, 128, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="wscales must have shape"):
         torch.ops.nunchaku.w4a4_gemm_sm80(codes, scales, layer["wc"], layer["ws"].t().contiguous(), lora_act,
-                                          layer["lora_up"], layer["bias"], False, out)
+                                          layer["lora_up"], layer["bias"], False, 128, out)
     with pytest.raises(RuntimeError, match="N = 64 must be a positive multiple of 128"):
         torch.ops.nunchaku.w4a4_gemm_sm80(codes, scales, layer["wc"][:64], layer["ws"][:, :64].contiguous(),
-                                          lora_act, layer["lora_up"][:64], layer["bias"][:64], False, out[:, :64])
+                                          lora_act, layer["lora_up"][:64], layer["bias"][:64], False, 64,
+                                          out[:, :64])
     with pytest.raises(RuntimeError, match=r"act_codes must be a contiguous uint8 \[M, K/2\]"):
         torch.ops.nunchaku.w4a4_quantize_act_sm80(x, layer["smooth"], layer["lora_down"], False,
                                                   torch.empty(8, 256, dtype=torch.uint8, device="cuda"), scales,
@@ -136,7 +150,7 @@ def test_opcheck():
     out = torch.empty(33, 256, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(
         torch.ops.nunchaku.w4a4_gemm_sm80.default,
-        (codes, scales, layer["wc"], layer["ws"], lora_act, layer["lora_up"], layer["bias"], True, out),
+        (codes, scales, layer["wc"], layer["ws"], lora_act, layer["lora_up"], layer["bias"], True, 100, out),
     )
 
 

@@ -9,6 +9,7 @@ from w4a4_helpers import (
     FLUX_KN,
     check_close,
     check_cuda_graph_replay,
+    check_gelu_epilogue,
     random_layer,
     rel_err,
 )
@@ -40,9 +41,10 @@ def run_quantize(x, smooth, lora_down, act_unsigned):
     return codes, scales, lora_act
 
 
-def run_gemm(codes, scales, wp, wsp, lora_act, lora_up, bias):
+def run_gemm(codes, scales, wp, wsp, lora_act, lora_up, bias, gelu_from=None):
     out = torch.full((codes.shape[0], lora_up.shape[0]), float("nan"), device=codes.device, dtype=lora_up.dtype)
-    torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, wp, wsp, lora_act, lora_up, bias, out)
+    gelu_from = out.shape[1] if gelu_from is None else gelu_from
+    torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, wp, wsp, lora_act, lora_up, bias, gelu_from, out)
     return out
 
 
@@ -136,6 +138,19 @@ def test_gemm_ranks(m, k, rank, dtype):
     check_close(out, exact, dtype, f"gemm m={m} k={k} rank={rank} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gelu_from", [0, 130, 256, 384])  # all, mid n8 block of a tile, a tile edge, none
+def test_gemm_gelu_epilogue(gelu_from, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(gelu_from)
+    layer = make_layer(192, 384, 32, dtype, gen)
+    x = (torch.randn(257, 192, generator=gen, device="cuda") * 2).to(dtype)
+    codes, scales, lora_act = sm90.w4a4_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    args = (codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
+    check_gelu_epilogue(run_gemm(*args), run_gemm(*args, gelu_from=gelu_from), gelu_from)
+    with pytest.raises(RuntimeError, match=r"gelu_from = 131 must be an even column index in \[0, N = 384\]"):
+        run_gemm(*args, gelu_from=131)
+
+
 def test_gemm_rejects_bad_arguments():
     gen = torch.Generator(device="cuda").manual_seed(3)
     layer = make_layer(256, 128, 32, torch.bfloat16, gen)
@@ -144,16 +159,17 @@ def test_gemm_rejects_bad_arguments():
     out = torch.empty(8, 128, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="wscales_packed"):
         torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"][:2], lora_act,
-                                          layer["lora_up"], layer["bias"], out)
+                                          layer["lora_up"], layer["bias"], 128, out)
     with pytest.raises(RuntimeError, match="lora_up"):
         torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act,
-                                          layer["lora_up"].half(), layer["bias"], out)
+                                          layer["lora_up"].half(), layer["bias"], 128, out)
     with pytest.raises(RuntimeError, match="K = 100"):
         torch.ops.nunchaku.w4a4_quantize_act_sm90(x[:, :100], layer["smooth"][:100], layer["lora_down"][:100], False,
                                                   codes[:, :100], scales, lora_act)
     with pytest.raises(RuntimeError, match="rank R = 144"):
         torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], torch.zeros(8, 144, device="cuda"),
-                                          torch.zeros(128, 144, device="cuda", dtype=torch.bfloat16), layer["bias"], out)
+                                          torch.zeros(128, 144, device="cuda", dtype=torch.bfloat16), layer["bias"], 128,
+                                          out)
 
 
 def test_opcheck():
@@ -169,7 +185,7 @@ def test_opcheck():
     out = torch.empty(33, 256, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(
         torch.ops.nunchaku.w4a4_gemm_sm90.default,
-        (codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], out),
+        (codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], 100, out),
     )
 
 

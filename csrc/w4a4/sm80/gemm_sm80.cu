@@ -165,7 +165,7 @@ namespace nunchaku::w4a4 {
 
 void gemm_sm80(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wcodes,
                const at::Tensor& wscales, const at::Tensor& lora_act, const at::Tensor& lora_up,
-               const at::Tensor& bias, bool act_unsigned, at::Tensor& out) {
+               const at::Tensor& bias, bool act_unsigned, int64_t gelu_from, at::Tensor& out) {
   using namespace sm80;
   constexpr const char* op = "w4a4_gemm_sm80";
   TORCH_CHECK(out.is_cuda(), op, ": out must be a CUDA tensor");
@@ -190,6 +190,7 @@ void gemm_sm80(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   check_operand(op, lora_up, "lora_up", dev, out.scalar_type(), {N, R});
   check_operand(op, bias, "bias", dev, out.scalar_type(), {N});
   check_operand(op, out, "out", dev, out.scalar_type(), {M, N});
+  check_gelu_from(op, gelu_from, N);
   TORCH_CHECK(M <= INT32_MAX / 2 && N <= INT32_MAX / 2 && K <= INT32_MAX / 2, op, ": problem too large");
   if (M == 0) return;
 
@@ -199,7 +200,8 @@ void gemm_sm80(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
                  static_cast<const uint16_t*>(wscales.data_ptr()), static_cast<int>(M), static_cast<int>(N),
                  static_cast<int>(K / kGroup), static_cast<int>(m_pad)};
   const EpilogueParams ep{lora_act.data_ptr<float>(), lora_up.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                          static_cast<int>(M), static_cast<int>(N), static_cast<int>(R)};
+                          static_cast<int>(M), static_cast<int>(N), static_cast<int>(R),
+                          static_cast<int>(gelu_from)};
   const bool bf16 = out.scalar_type() == at::kBFloat16;
   if (bf16)
     act_unsigned ? launch<true, true>(p, ep, stream) : launch<true, false>(p, ep, stream);

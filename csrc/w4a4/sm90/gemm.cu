@@ -138,7 +138,7 @@ namespace nunchaku::w4a4 {
 
 void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wcodes_packed,
                const at::Tensor& wscales_packed, const at::Tensor& lora_act, const at::Tensor& lora_up,
-               const at::Tensor& bias, at::Tensor& out) {
+               const at::Tensor& bias, int64_t gelu_from, at::Tensor& out) {
   using namespace sm90;
   constexpr const char* op = "w4a4_gemm_sm90";
   TORCH_CHECK(out.is_cuda(), op, ": out must be a CUDA tensor");
@@ -168,6 +168,7 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   check_operand(op, lora_up, "lora_up", dev, out.scalar_type(), {N, R});
   check_operand(op, bias, "bias", dev, out.scalar_type(), {N});
   check_operand(op, out, "out", dev, out.scalar_type(), {M, N});
+  check_gelu_from(op, gelu_from, N);
   TORCH_CHECK(M <= INT32_MAX / 2 && N * K <= INT32_MAX * int64_t{8}, op, ": problem too large");
   if (M == 0) return;
 
@@ -179,7 +180,8 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
                           static_cast<int>(N), static_cast<int>(K / 64), static_cast<int>(KT),
                           static_cast<int>(m_pad)};
   const EpilogueParams ep{lora_act.data_ptr<float>(), lora_up.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                          static_cast<int>(M), static_cast<int>(N), static_cast<int>(R)};
+                          static_cast<int>(M), static_cast<int>(N), static_cast<int>(R),
+                          static_cast<int>(gelu_from)};
   if (out.scalar_type() == at::kBFloat16)
     launch<true>(map, mp, ep, static_cast<int>(M), stream);
   else
