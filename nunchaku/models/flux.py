@@ -138,7 +138,7 @@ def layer_norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, s
     eps = _plain_layer_norm_eps(norm)
     if (eps is not None and _fused_kernels_apply(x, shift, scale)
             and adaln_triton.fused_adaln_problem(x, shift=shift, scale=scale) is None):
-        return adaln_triton.adaln_modulate(x, shift, scale, eps)
+        return adaln_triton.run_adaln_modulate(x, shift, scale, eps)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -149,7 +149,7 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor
     rows = (residual, gate, out) if out2 is None else (residual, gate, out, out2)
     if (_fused_kernels_apply(*rows)
             and adaln_triton.fused_adaln_problem(residual, gate=gate, out=out, out2=out2) is None):
-        return adaln_triton.gated_residual(residual, gate, out, out2, clip_fp16=clip_fp16)
+        return adaln_triton.run_gated_residual(residual, gate, out, out2, clip_fp16)
     return adaln_triton.reference_gated_residual(residual, gate, out, out2, clip_fp16=clip_fp16)
 
 
@@ -161,7 +161,7 @@ def gated_residual_norm_modulate(residual: torch.Tensor, gate: torch.Tensor, out
     eps = _plain_layer_norm_eps(norm)
     if (eps is not None and _fused_kernels_apply(residual, gate, out, shift, scale)
             and adaln_triton.fused_adaln_problem(residual, gate=gate, out=out, shift=shift, scale=scale) is None):
-        return adaln_triton.gated_residual_adaln(residual, gate, out, shift, scale, eps)
+        return adaln_triton.run_gated_residual_adaln(residual, gate, out, shift, scale, eps)
     h = residual + gate[:, None] * out
     return h, norm(h) * (1 + scale[:, None]) + shift[:, None]
 

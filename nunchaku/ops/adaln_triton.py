@@ -20,7 +20,8 @@ as PyTorch's per-op kernels do (round16 below), so they compute what the block c
 Only the LayerNorm's sums may add in another order than PyTorch's (fp32, two-pass here, Welford
 there), which moves n by one 16-bit ulp now and then. The ops (nunchaku::adaln_modulate,
 nunchaku::gated_residual, nunchaku::gated_residual_adaln) are registered with fakes; the FLUX
-blocks use them in eager mode on CUDA (torch.compile fuses diffusers' version by itself).
+blocks run the same code in eager mode on CUDA through run_* (checked once, no dispatcher round
+trip); under torch.compile they keep diffusers' code, which inductor fuses by itself.
 """
 
 from __future__ import annotations
@@ -157,13 +158,37 @@ def _launch(x, gate, out, out2, shift, scale, h, y, eps, clip_fp16):
         enable_fp_fusion=False)
 
 
+def run_adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """nunchaku::adaln_modulate without the dispatcher and the argument checks, for a caller that
+    has checked fused_adaln_problem (the FLUX blocks, in eager mode, where a step launches ~2,000
+    kernels and the CPU time per launch shows)."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, None, None, None, shift, scale, None, y, eps, False)
+    return y
+
+
+def run_gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None,
+                       clip_fp16: bool) -> torch.Tensor:
+    """nunchaku::gated_residual, unchecked (see run_adaln_modulate)."""
+    h = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    _launch(residual, gate, out, out2, None, None, h, None, 0.0, clip_fp16)
+    return h
+
+
+def run_gated_residual_adaln(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, shift: torch.Tensor,
+                             scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """nunchaku::gated_residual_adaln, unchecked (see run_adaln_modulate)."""
+    h = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    y = torch.empty_like(h)
+    _launch(residual, gate, out, None, shift, scale, h, y, eps, False)
+    return h, y
+
+
 @torch.library.custom_op("nunchaku::adaln_modulate", mutates_args=())
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """x [B, T, C], shift/scale [B, C] -> contiguous LayerNorm(x) * (1 + scale) + shift (module docstring)."""
     _check("adaln_modulate", x, shift=shift, scale=scale)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, None, None, None, shift, scale, None, y, eps, False)
-    return y
+    return run_adaln_modulate(x, shift, scale, eps)
 
 
 @adaln_modulate.register_fake
@@ -177,9 +202,7 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor
     """residual + gate[:, None] * (out [+ out2]) for [B, T, C] rows and a [B, C] gate, contiguous;
     clip_fp16 clamps an fp16 result to +-65504 as the FLUX blocks do."""
     _check("gated_residual", residual, gate=gate, out=out, out2=out2)
-    h = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    _launch(residual, gate, out, out2, None, None, h, None, 0.0, clip_fp16)
-    return h
+    return run_gated_residual(residual, gate, out, out2, clip_fp16)
 
 
 @gated_residual.register_fake
@@ -193,10 +216,7 @@ def gated_residual_adaln(residual: torch.Tensor, gate: torch.Tensor, out: torch.
     """(h, y): h = residual + gate[:, None] * out, y = LayerNorm(h) * (1 + scale) + shift, both
     contiguous, from one read of each operand."""
     _check("gated_residual_adaln", residual, gate=gate, out=out, shift=shift, scale=scale)
-    h = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    y = torch.empty_like(h)
-    _launch(residual, gate, out, None, shift, scale, h, y, eps, False)
-    return h, y
+    return run_gated_residual_adaln(residual, gate, out, shift, scale, eps)
 
 
 @gated_residual_adaln.register_fake

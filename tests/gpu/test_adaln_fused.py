@@ -108,7 +108,7 @@ def test_tiny_flux_layout_uses_them_in_every_block(monkeypatch):
 
     transformer = to_nunchaku_layout(build_tiny_flux_pipeline(torch_dtype=torch.bfloat16).transformer).to("cuda")
     inp = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in transformer_inputs(batch=2).items()}
-    calls = {name: 0 for name in ("adaln_modulate", "gated_residual", "gated_residual_adaln")}
+    calls = {name: 0 for name in ("run_adaln_modulate", "run_gated_residual", "run_gated_residual_adaln")}
     for name in calls:
         real = getattr(adaln_triton, name)
 
@@ -120,8 +120,8 @@ def test_tiny_flux_layout_uses_them_in_every_block(monkeypatch):
     with torch.no_grad():
         fused = transformer(**inp)[0]
         double, single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
-        assert calls == {"adaln_modulate": 2 * double + single, "gated_residual": 2 * double + single,
-                         "gated_residual_adaln": 2 * double}
+        assert calls == {"run_adaln_modulate": 2 * double + single, "run_gated_residual": 2 * double + single,
+                         "run_gated_residual_adaln": 2 * double}
         monkeypatch.setenv("NUNCHAKU_BACKEND", "reference")
         reference = transformer(**inp)[0]
     err = ((fused.double() - reference.double()).norm() / reference.double().norm()).item()

@@ -63,13 +63,21 @@ def check_cuda_graph_replay(linear, x: torch.Tensor, gen: torch.Generator) -> No
 def check_gelu_epilogue(plain: torch.Tensor, fused: torch.Tensor, gelu_from: int) -> None:
     """The GEMM with its epilogue's GELU from column gelu_from (`fused`) against the same GEMM
     without it (`plain`), followed by PyTorch's GELU kernel: columns before gelu_from untouched,
-    the rest GELU (tanh) of the rounded output, as PyTorch computes it. The epilogue repeats
-    PyTorch's operation order, so only a different FMA contraction or tanhf could move a value:
-    at most one 16-bit ulp, and rarely."""
+    the rest GELU (tanh) of the rounded output. The epilogue computes the same function as
+    x * sigmoid(2u) (u the tanh argument): within a few fp32 ulps of PyTorch's value, so a 16-bit
+    output differs by one ulp where that value sits on a rounding boundary, rarely. Below |0.01|
+    (x < -3) PyTorch's 1 + tanh(u) cancels and it is the less accurate of the two: there only the
+    absolute difference is bounded."""
     assert torch.equal(fused[:, :gelu_from], plain[:, :gelu_from])
-    expected = torch.nn.functional.gelu(plain[:, gelu_from:], approximate="tanh")
-    got = fused[:, gelu_from:]
-    ulp = 2.0**-7 if got.dtype == torch.bfloat16 else 2.0**-10
-    diff = (got.float() - expected.float()).abs()
-    assert (diff <= ulp * expected.float().abs() + 1e-6).all(), diff.max().item()
-    assert (diff > 0).float().mean().item() < 1e-3, (diff > 0).float().mean().item()
+    if gelu_from == plain.shape[1]:
+        assert torch.equal(fused, plain)
+        return
+    expected = torch.nn.functional.gelu(plain[:, gelu_from:], approximate="tanh").float()
+    got = fused[:, gelu_from:].float()
+    ulp = 2.0**-7 if fused.dtype == torch.bfloat16 else 2.0**-10
+    diff = (got - expected).abs()
+    assert (diff <= ulp * expected.abs() + 1e-4).all(), (diff - ulp * expected.abs()).max().item()
+    away_from_tail = expected.abs() >= 0.01
+    assert away_from_tail.float().mean() > 0.5
+    rate = (diff[away_from_tail] > 0).float().mean().item()
+    assert rate < 1e-3, rate
