@@ -8,6 +8,8 @@ the FLUX VAE), word-level tokenizers (token ids do not change the cost), 512 T5 
   bf16        everything in BF16 (diffusers eager)
   int4        our SVDQuant INT4 transformer (quantized here by the quantizer), BF16 encoders
   int4-qenc   the same with the W4A16 T5 encoder (nunchaku.models.text_encoders)
+  int4-qenc-graph  the same with the transformer's forward replayed as a CUDA graph
+              (nunchaku.cuda_graph.CUDAGraphForward: no CPU launch overhead in the steps)
 Reported: median end-to-end latency over --repeats calls after --warmup, peak GPU memory of a
 call, and the weight memory of the transformer and the T5 encoder.
 """
@@ -43,7 +45,7 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
 WORDS = ("a", "cat", "holding", "sign", "that", "says", "hello", "world", "red", "circle", "in", "the", "park",
          "at", "night", "photo", "of", "mountain", "lake", "sunset")
 PROMPT = "a photo of a cat holding a sign that says hello world in the park at night"
-VARIANTS = ("bf16", "int4", "int4-qenc")
+VARIANTS = ("bf16", "int4", "int4-qenc", "int4-qenc-graph")
 # --small: a smoke check of the script itself (CPU too), not a measurement
 SMALL_T5 = {**T5_XXL, "vocab_size": 64, "d_model": 128, "d_kv": 32, "d_ff": 128, "num_layers": 2, "num_heads": 4}
 SMALL_CLIP = {**CLIP_L, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     wanted = set(args.variants)
     if "bf16" in wanted:
         record("bf16")
-    if wanted & {"int4", "int4-qenc"}:
+    if wanted & {"int4", "int4-qenc", "int4-qenc-graph"}:
         tokens = (args.size // 16) ** 2, 512
         calib = [step_inputs(1, 1000 + i, dict(pipe.transformer.config), tokens, args.device)
                  for i in range(args.calib_inputs)]
@@ -139,13 +141,21 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         if "int4" in wanted:
             record("int4", {"quantize_s": quant["quantize_s"]})
-        if "int4-qenc" in wanted:
+        if wanted & {"int4-qenc", "int4-qenc-graph"}:
             from nunchaku.models.text_encoders import quantize_t5_encoder
 
             start = time.perf_counter()
             quantize_t5_encoder(pipe.text_encoder_2, [PROMPT, "a mountain lake at sunset"], pipe.tokenizer_2,
                                 group_size=128, progress=False)
-            record("int4-qenc", {"t5_quantize_s": round(time.perf_counter() - start, 1)})
+            t5_quantize_s = round(time.perf_counter() - start, 1)
+            if "int4-qenc" in wanted:
+                record("int4-qenc", {"t5_quantize_s": t5_quantize_s})
+            if "int4-qenc-graph" in wanted:
+                from nunchaku.cuda_graph import CUDAGraphForward
+
+                pipe.transformer.forward = CUDAGraphForward(pipe.transformer)
+                record("int4-qenc-graph")
+                del pipe.transformer.forward
     base = next((r["latency_s"] for r in report["rows"] if r["variant"] == "bf16"), None)
     print(f"{report['device']}, {args.steps} steps, {args.size}x{args.size}, kernels: {report['kernels']}")
     print("| variant | end to end s | vs bf16 | peak GiB | transformer GiB | T5 GiB |")
