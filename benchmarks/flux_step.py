@@ -124,8 +124,8 @@ def time_step(model, inputs: dict, warmup: int, repeats: int, device: str,
               graph_pools: bool = False) -> tuple[float, float]:
     """(median ms, peak GiB during the timed steps). graph_pools: the model replays CUDA graphs,
     whose intermediate tensors live in the graphs' private memory pools, which the allocated-bytes
-    peak does not count; the peak is then what the caching allocator holds once its cache is
-    emptied: every live tensor plus those pools."""
+    peak does not count; the pools (what the allocator still reserves beyond the live tensors once
+    its cache is emptied) are then added to it."""
     with torch.inference_mode():
         for _ in range(warmup):
             model(**inputs)
@@ -138,9 +138,15 @@ def time_step(model, inputs: dict, warmup: int, repeats: int, device: str,
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
     if graph_pools and device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        return statistics.median(times), max(_peak_gib(device), torch.cuda.memory_reserved() / GIB)
+        return statistics.median(times), _peak_gib(device) + graph_pool_gib()
     return statistics.median(times), _peak_gib(device)
+
+
+def graph_pool_gib() -> float:
+    """What the caching allocator reserves beyond the live tensors once its cache is emptied: the
+    CUDA graphs' private pools (plus the unused tails of partly used segments: an upper bound)."""
+    torch.cuda.empty_cache()
+    return (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / GIB
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins

@@ -11,10 +11,18 @@ call. Use it for inference with fixed shapes:
 One graph is captured per input signature (tensor shapes, dtypes and devices, and every
 non-tensor argument), the first time that signature is seen; at most `max_graphs` are kept, least
 recently used first out. Each replay copies the call's tensors into the graph's static inputs and
-returns a copy of its static outputs. It serves inference: a call with autograd recording, with a
-tensor that is not on a CUDA device, or with an argument that is neither a tensor nor hashable is
-refused with a ValueError naming the problem (run the module's own forward for those). The memory
-of a graph's intermediate tensors stays reserved while the graph is kept.
+returns a copy of its static outputs.
+
+A graph reads the module's tensors at the addresses they had at capture. nunchaku's quantized
+modules announce every change that replaces such tensors (a LoRA set, re-weighted or removed, a
+weight-layout change, `.to()`; nunchaku.nn.linear.state_generation): the graphs are then dropped
+and recaptured on the next call. Changes made in place (`copy_` into a weight) are simply seen by
+the next replay. For any other change that replaces a tensor the forward reads, call `reset()`.
+
+It serves inference: a call with autograd recording, with a tensor that is not on a CUDA device,
+or with an argument that is neither a tensor nor hashable is refused with a ValueError naming the
+problem (run the module's own forward for those). The memory of a graph's intermediate tensors
+stays reserved while the graph is kept.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .nn.linear import state_generation
+
 
 class CUDAGraphForward:
     """Callable to put in place of `module.forward` (see the module docstring)."""
@@ -38,10 +48,15 @@ class CUDAGraphForward:
         self.max_graphs = max_graphs
         self.warmup_calls = warmup_calls
         self._graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]] = OrderedDict()
+        self._generation = state_generation()
 
     @property
     def graph_count(self) -> int:
         return len(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every graph (their memory returns to the allocator); the next calls recapture."""
+        self._graphs.clear()
 
     def __call__(self, *args, **kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -52,9 +67,13 @@ class CUDAGraphForward:
         if not tensors or any(not t.is_cuda for t in tensors):
             devices = sorted({str(t.device) for t in tensors})
             raise ValueError(f"CUDAGraphForward needs the call's tensors on a CUDA device, got {devices or 'none'}")
+        if self._generation != state_generation():
+            self.reset()
+            self._generation = state_generation()
         key = self._signature(spec, leaves)
         if key not in self._graphs:
-            self._capture(key, leaves, spec)
+            with torch.cuda.device(tensors[0].device):
+                self._capture(key, leaves, spec)
         self._graphs.move_to_end(key)
         graph, static_inputs, static_output = self._graphs[key]
         for static, given in zip(static_inputs, tensors, strict=True):
@@ -74,10 +93,13 @@ class CUDAGraphForward:
             else:
                 raise ValueError(f"CUDAGraphForward keys its graphs on the call's non-tensor arguments; "
                                  f"an argument of type {type(leaf).__name__} is not hashable")
-        # Inference-mode tensors cannot be written outside inference mode: a graph per mode.
-        return (str(spec), tuple(parts), torch.is_inference_mode_enabled())
+        # Inference-mode tensors cannot be written outside inference mode, and autocast changes
+        # which kernels run: a graph per mode.
+        return (str(spec), tuple(parts), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"))
 
     def _capture(self, key, leaves, spec) -> None:
+        while len(self._graphs) >= self.max_graphs:  # first, so that two graphs' pools never coexist
+            self._graphs.popitem(last=False)
         static_leaves = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         # Warm-up on a side stream (lazy initialisations, autotuning, allocator growth happen
@@ -91,7 +113,5 @@ class CUDAGraphForward:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_output = self.eager_forward(*args, **kwargs)
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
         static_inputs = [leaf for leaf in static_leaves if isinstance(leaf, torch.Tensor)]
         self._graphs[key] = (graph, static_inputs, static_output)

@@ -67,6 +67,42 @@ def test_single_blocks_reuse_the_joined_tensor_they_were_given_as_two_halves():
     for enc, hid in ((image, text), (text.clone(), image), (text, image[:, 1:]), (joined[:, :2], image), (text, moved)):
         cat = _joined_sequence(enc, hid)
         assert cat is not joined and torch.equal(cat, torch.cat([enc, hid], dim=1))
+    # Views of the same tensor that torch.cat would refuse are refused, not joined.
+    for enc, hid in ((joined[:1, :3], image), (joined[:, :3, :8], image)):
+        with pytest.raises(RuntimeError):
+            _joined_sequence(enc, hid)
+
+
+def test_double_block_adds_an_ip_adapter_output_as_diffusers_does():
+    """An attention processor may return a third (IP-Adapter) output; the block adds it after the
+    MLP, as diffusers' FluxTransformerBlock does. Compared on the same diffusers block object."""
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    block = build_tiny_flux_pipeline(torch_dtype=torch.float32).transformer.transformer_blocks[0].eval()
+    processor = block.attn.processor
+
+    def with_ip_output(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        out, context = processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return out, context, 0.5 * hidden_states
+
+    block.attn.set_processor(with_ip_output)
+    g = torch.Generator().manual_seed(0)
+    dim = block.norm1.linear.in_features
+    args = (torch.randn(2, 16, dim, generator=g), torch.randn(2, 8, dim, generator=g), torch.randn(2, dim, generator=g))
+    with torch.no_grad():
+        expected = FluxTransformerBlock.forward(block, *args)
+        got = SVDQFluxTransformerBlock.forward(block, *args)
+    for e, o in zip(expected, got, strict=True):
+        assert torch.equal(e, o)
+
+
+def test_layout_keeps_diffusers_block_lookups_working():
+    """diffusers finds repeated blocks (compile_repeated_blocks) and unsplittable modules by class name."""
+    layout = to_nunchaku_layout(build_tiny_flux_pipeline().transformer)
+    assert {"SVDQFluxTransformerBlock", "SVDQFluxSingleTransformerBlock"} <= set(layout._repeated_blocks)
+    assert {"SVDQFluxTransformerBlock", "SVDQFluxSingleTransformerBlock"} <= set(layout._no_split_modules)
+    repeated = [m for m in layout.modules() if type(m).__name__ in layout._repeated_blocks]
+    assert len(repeated) == len(layout.transformer_blocks) + len(layout.single_transformer_blocks)
 
 
 def test_every_quantized_module_is_in_place(saved):

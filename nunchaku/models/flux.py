@@ -201,6 +201,7 @@ def _joined_sequence(encoder_hidden_states: torch.Tensor, hidden_states: torch.T
     base = encoder_hidden_states._base
     if (base is not None and hidden_states._base is base and not torch.compiler.is_compiling()
             and base.dim() == 3 and base.is_contiguous()
+            and encoder_hidden_states.shape[::2] == hidden_states.shape[::2]
             and base.shape == (hidden_states.shape[0], encoder_hidden_states.shape[1] + hidden_states.shape[1],
                                hidden_states.shape[2])
             and encoder_hidden_states.stride() == base.stride() == hidden_states.stride()
@@ -330,13 +331,17 @@ class SVDQFluxTransformerBlock(FluxTransformerBlock):
             self.norm1, hidden_states, temb)
         norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ada_layer_norm_zero(
             self.norm1_context, encoder_hidden_states, temb)
-        attn_output, context_attn_output = self.attn(
+        attention_outputs = self.attn(
             hidden_states=norm_hidden_states, encoder_hidden_states=norm_context, image_rotary_emb=image_rotary_emb,
             **(joint_attention_kwargs or {}))
+        # An IP-Adapter processor returns a third output, added after the MLP (as diffusers does).
+        attn_output, context_attn_output, *ip_attn_output = attention_outputs
         hidden_states, norm_hidden_states = gated_residual_norm_modulate(
             hidden_states, gate_msa, attn_output, self.norm2, shift_mlp, scale_mlp)
         hidden_states = gated_residual(hidden_states, gate_mlp, feed_forward(self.ff, norm_hidden_states),
                                        clip_fp16=False)
+        if ip_attn_output:
+            hidden_states = hidden_states + ip_attn_output[0]
         encoder_hidden_states, norm_context = gated_residual_norm_modulate(
             encoder_hidden_states, c_gate_msa, context_attn_output, self.norm2_context, c_shift_mlp, c_scale_mlp)
         encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp,
@@ -369,6 +374,11 @@ def to_nunchaku_layout(transformer: FluxTransformer2DModel) -> FluxTransformer2D
         transformer.transformer_blocks[i] = SVDQFluxTransformerBlock.from_block(block)
     for i, block in enumerate(transformer.single_transformer_blocks):
         transformer.single_transformer_blocks[i] = SVDQFluxSingleTransformerBlock.from_block(block)
+    # diffusers finds the repeated blocks (compile_repeated_blocks) and the blocks a device map must
+    # not split by class name.
+    block_names = [SVDQFluxTransformerBlock.__name__, SVDQFluxSingleTransformerBlock.__name__]
+    transformer._repeated_blocks = [*transformer._repeated_blocks, *block_names]
+    transformer._no_split_modules = [*(transformer._no_split_modules or []), *block_names]
     transformer._nunchaku_layout = True
     return transformer
 

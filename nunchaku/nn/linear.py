@@ -11,6 +11,21 @@ from .. import ops
 from ..quant.int4 import pack_int4_nibbles, unpack_int4_nibbles
 from ..quant.weights import W4A4Weights, W4A16Weights
 
+_state_generation = 0
+
+
+def state_generation() -> int:
+    """A counter that moves whenever a quantized module of this package replaces tensors its
+    forward reads (an adapter set, re-weighted or removed, a weight-layout change, a device or
+    dtype move). A CUDA graph of a forward (nunchaku.cuda_graph) records tensor addresses, so it
+    keys its graphs on this and recaptures when it moves."""
+    return _state_generation
+
+
+def _tensors_replaced() -> None:
+    global _state_generation
+    _state_generation += 1
+
 
 class LowRankAdapters:
     """Extra low-rank branches (LoRAs) on a quantized linear, each with its own strength.
@@ -27,6 +42,10 @@ class LowRankAdapters:
         self._adapter_strengths: dict[str, float] = {}
         self._lowrank_cache = None
 
+    def _drop_lowrank_cache(self) -> None:
+        self._lowrank_cache = None
+        _tensors_replaced()
+
     def set_adapter(self, name: str, down: torch.Tensor, up: torch.Tensor, strength: float = 1.0) -> None:
         if down.dim() != 2 or up.dim() != 2 or down.shape[1] != up.shape[1]:
             raise ValueError(f"adapter {name!r}: expected down [K, r] and up [N, r], got {list(down.shape)} and "
@@ -42,13 +61,13 @@ class LowRankAdapters:
         if name not in self._adapter_names:
             self._adapter_names.append(name)
         self._adapter_strengths[name] = float(strength)
-        self._lowrank_cache = None
+        self._drop_lowrank_cache()
 
     def set_adapter_strength(self, name: str, strength: float) -> None:
         if name not in self._adapter_strengths:
             raise KeyError(f"no adapter named {name!r} on this layer (have {self._adapter_names})")
         self._adapter_strengths[name] = float(strength)
-        self._lowrank_cache = None
+        self._drop_lowrank_cache()
 
     def remove_adapter(self, name: str) -> None:
         if name not in self._adapter_strengths:
@@ -57,7 +76,7 @@ class LowRankAdapters:
         del self._adapter_strengths[name]
         delattr(self, f"adapter_down_{name}")
         delattr(self, f"adapter_up_{name}")
-        self._lowrank_cache = None
+        self._drop_lowrank_cache()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -74,7 +93,7 @@ class LowRankAdapters:
         return torch.cat(downs, dim=1), torch.cat(ups, dim=1)
 
     def _apply(self, fn, *args, **kwargs):
-        self._lowrank_cache = None  # .to()/.cuda() move the buffers the cache was built from
+        self._drop_lowrank_cache()  # .to()/.cuda() move the buffers the cache was built from
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -166,6 +185,7 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         else:
             self.qweight, self.wscales = pack_int4_nibbles(codes), scales.to(self.bias.dtype)
         self.weight_layout = layout
+        _tensors_replaced()
 
     def _logical_codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 codes [N, K] and scales [N, K/G] whatever the current layout."""
@@ -242,8 +262,7 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         """gelu_from: apply GELU (approximate="tanh") to the output columns from this one on, in the
         kernels' epilogue (an MLP up-projection followed by its activation, in one pass; even)."""
         _check_input(self, x)
-        if gelu_from is not None and not (0 <= gelu_from <= self.out_features and gelu_from % 2 == 0):
-            raise ValueError(f"gelu_from = {gelu_from} must be an even column index in [0, {self.out_features}]")
+        ops.check_gelu_from(gelu_from, self.out_features)
         lead = x.shape[:-1]
         lora_down, lora_up = self.lowrank_factors()
         x2 = x.reshape(-1, self.in_features)
@@ -252,10 +271,15 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
 
             kernel_linear = {WeightLayout.SM90: sm90.w4a4_linear_sm90,
                              WeightLayout.SM80: sm80.w4a4_linear_sm80}[self.weight_layout]
+            # The epilogue's GELU works in the compute dtype; for an input in another dtype it is
+            # applied after the cast, in x's dtype, as the reference path does.
+            in_epilogue = x.dtype == self.compute_dtype
             y = kernel_linear(
                 x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
-                self.act_unsigned, gelu_from,
+                self.act_unsigned, gelu_from if in_epilogue else None,
             ).to(x.dtype)
+            if not in_epilogue:
+                y = ops.reference.gelu_columns(y, gelu_from)
         else:
             y = ops.w4a4_linear(
                 x2, self.qweight, self.wscales, self.smooth,
@@ -328,12 +352,8 @@ class AWQW4A16Linear(LowRankAdapters, nn.Module):
             wzeros=self.wzeros, bias=self.bias, group_size=self.group_size,
         )
 
-    def forward(self, x: torch.Tensor, gelu_from: int | None = None) -> torch.Tensor:
-        """gelu_from: apply GELU (approximate="tanh") to the output columns from this one on, in the
-        kernels' epilogue (an MLP up-projection followed by its activation, in one pass; even)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
-        if gelu_from is not None and not (0 <= gelu_from <= self.out_features and gelu_from % 2 == 0):
-            raise ValueError(f"gelu_from = {gelu_from} must be an even column index in [0, {self.out_features}]")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         y = ops.w4a16_linear(x2, self.qweight, self.wscales, self.wzeros, self.bias, self.group_size)

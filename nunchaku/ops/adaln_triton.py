@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .triton_device import on_device_of
+
 
 def _operand_problem(name: str, t: torch.Tensor, x: torch.Tensor) -> str | None:
     """gate, shift and scale are per-sample vectors [B, C]; the other operands rows like x [B, T, C]."""
@@ -149,13 +151,14 @@ def _launch(x, gate, out, out2, shift, scale, h, y, eps, clip_fp16):
     # The operands a variant does not read get x as a placeholder pointer (never dereferenced).
     gate_, out_, out2_, shift_, scale_, h_, y_ = (
         a if a is not None else x for a in (gate, out, out2, shift, scale, h, y))
-    _KERNEL[(bsz * t,)](
-        x, gate_, out_, out2_, shift_, scale_, h_, y_, t, c, eps,
-        x.stride(0), x.stride(1), out_.stride(0), out_.stride(1), out2_.stride(0), out2_.stride(1),
-        gate_.stride(0), shift_.stride(0), scale_.stride(0),
-        BLOCK_C=block_c, GATED=out is not None, HAS_OUT2=out2 is not None, NORM=y is not None,
-        CLIP_FP16=clip_fp16 and x.dtype == torch.float16, num_warps=8 if block_c >= 4096 else 4,
-        enable_fp_fusion=False)
+    with on_device_of(x):
+        _KERNEL[(bsz * t,)](
+            x, gate_, out_, out2_, shift_, scale_, h_, y_, t, c, eps,
+            x.stride(0), x.stride(1), out_.stride(0), out_.stride(1), out2_.stride(0), out2_.stride(1),
+            gate_.stride(0), shift_.stride(0), scale_.stride(0),
+            BLOCK_C=block_c, GATED=out is not None, HAS_OUT2=out2 is not None, NORM=y is not None,
+            CLIP_FP16=clip_fp16 and x.dtype == torch.float16, num_warps=8 if block_c >= 4096 else 4,
+            enable_fp_fusion=False)
 
 
 def run_adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:

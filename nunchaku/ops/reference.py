@@ -50,7 +50,9 @@ def gelu_columns(y: torch.Tensor, gelu_from: int | None) -> torch.Tensor:
     """y [M, N] with GELU (approximate="tanh", in y's dtype, as PyTorch computes it) applied to
     the columns from gelu_from on: what the W4A4 GEMMs' epilogue does to their rounded output.
     None (or N): y unchanged."""
-    if gelu_from is None or gelu_from >= y.shape[-1]:
+    if gelu_from is not None and not (0 <= gelu_from <= y.shape[-1] and gelu_from % 2 == 0):
+        raise ValueError(f"gelu_from = {gelu_from} must be an even column index in [0, {y.shape[-1]}]")
+    if gelu_from is None or gelu_from == y.shape[-1]:
         return y
     if gelu_from == 0:
         return torch.nn.functional.gelu(y, approximate="tanh")

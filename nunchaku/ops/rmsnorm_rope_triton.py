@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .triton_device import on_device_of
+
 
 def rmsnorm_rope_problem(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor) -> str | None:
     """Why the fused op cannot take this call, or None if it can."""
@@ -109,9 +111,10 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
     if out.numel() == 0:
         return out
     block_h = 1 << (h - 1).bit_length()
-    _KERNEL[(bsz * t,)](x, weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(), out, t, h, eps,
-                        x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK_H=block_h,
-                        ROUND_BEFORE_WEIGHT=round_before_weight, num_warps=4, enable_fp_fusion=False)
+    with on_device_of(x):
+        _KERNEL[(bsz * t,)](x, weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(), out, t, h, eps,
+                            x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK_H=block_h,
+                            ROUND_BEFORE_WEIGHT=round_before_weight, num_warps=4, enable_fp_fusion=False)
     return out
 
 

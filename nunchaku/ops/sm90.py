@@ -60,6 +60,7 @@ def w4a4_gemm_sm90(
 def _w4a4_gemm_sm90_fake(act_codes, act_scales, wcodes_packed, wscales_packed, lora_act, lora_up, bias, gelu_from,
                          out) -> None:
     torch._check(out.shape[0] == act_codes.shape[0] and out.shape[1] == lora_up.shape[0])
+    torch._check(0 <= gelu_from <= out.shape[1] and gelu_from % 2 == 0)
     torch._check(out.dtype == lora_up.dtype)
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .triton_device import on_device_of
+
 MAX_ROWS = 16
 GROUP_SIZES = (64, 128)  # what our checkpoints use (AdaLN: 64, T5: 128); both tested on the GPU
 BLOCK_N = 64
@@ -86,9 +88,10 @@ def w4a16_gemv(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Ten
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton_cdiv(n, BLOCK_N), m)
-    _KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
-                  bias if bias is not None else y, y, n, k, g, x.stride(0), y.stride(0),
-                  HAS_BIAS=bias is not None, HALF=k // g // 2, BLOCK=BLOCK_N)
+    with on_device_of(x):
+        _KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
+                      bias if bias is not None else y, y, n, k, g, x.stride(0), y.stride(0),
+                      HAS_BIAS=bias is not None, HALF=k // g // 2, BLOCK=BLOCK_N)
     return y
 
 
@@ -156,11 +159,11 @@ def w4a16_gemm(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Ten
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton_cdiv(n, GEMM_BLOCK_N), triton_cdiv(m, GEMM_BLOCK_M))
-    _GEMM_KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
-                       bias if bias is not None else y, y, m, n, k, wscales.shape[1], x.stride(0), y.stride(0),
-                       HAS_BIAS=bias is not None, HALF=k // wscales.shape[1] // 2, BLOCK_M=GEMM_BLOCK_M,
-                       BLOCK_N=GEMM_BLOCK_N,
-                       num_warps=4)
+    with on_device_of(x):
+        _GEMM_KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
+                           bias if bias is not None else y, y, m, n, k, wscales.shape[1], x.stride(0), y.stride(0),
+                           HAS_BIAS=bias is not None, HALF=k // wscales.shape[1] // 2, BLOCK_M=GEMM_BLOCK_M,
+                           BLOCK_N=GEMM_BLOCK_N, num_warps=4)
     return y
 
 

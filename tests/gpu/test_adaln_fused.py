@@ -125,4 +125,4 @@ def test_tiny_flux_layout_uses_them_in_every_block(monkeypatch):
         monkeypatch.setenv("NUNCHAKU_BACKEND", "reference")
         reference = transformer(**inp)[0]
     err = ((fused.double() - reference.double()).norm() / reference.double().norm()).item()
-    assert err < 1e-2, err
+    assert err < 5e-3, err

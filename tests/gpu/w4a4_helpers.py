@@ -64,20 +64,22 @@ def check_gelu_epilogue(plain: torch.Tensor, fused: torch.Tensor, gelu_from: int
     """The GEMM with its epilogue's GELU from column gelu_from (`fused`) against the same GEMM
     without it (`plain`), followed by PyTorch's GELU kernel: columns before gelu_from untouched,
     the rest GELU (tanh) of the rounded output. The epilogue computes the same function as
-    x * sigmoid(2u) (u the tanh argument): within a few fp32 ulps of PyTorch's value, so a 16-bit
-    output differs by one ulp where that value sits on a rounding boundary, rarely. Below |0.01|
-    (x < -3) PyTorch's 1 + tanh(u) cancels and it is the less accurate of the two: there only the
-    absolute difference is bounded."""
+    x * sigmoid(2u) (u the tanh argument), within a few fp32 ulps of the exact value. PyTorch's
+    0.5 x (1 + tanh(u)) cancels for x < -1 (tens of fp32 ulps there, all of them below x ~ -4.5),
+    so there the two may differ by one 16-bit ulp more often, or by a tiny absolute amount; for
+    x >= -1 both are within a few fp32 ulps, and a 16-bit output differs only where the value sits
+    on a rounding boundary."""
     assert torch.equal(fused[:, :gelu_from], plain[:, :gelu_from])
     if gelu_from == plain.shape[1]:
         assert torch.equal(fused, plain)
         return
+    x = plain[:, gelu_from:].float()
     expected = torch.nn.functional.gelu(plain[:, gelu_from:], approximate="tanh").float()
     got = fused[:, gelu_from:].float()
     ulp = 2.0**-7 if fused.dtype == torch.bfloat16 else 2.0**-10
     diff = (got - expected).abs()
-    assert (diff <= ulp * expected.abs() + 1e-4).all(), (diff - ulp * expected.abs()).max().item()
-    away_from_tail = expected.abs() >= 0.01
-    assert away_from_tail.float().mean() > 0.5
-    rate = (diff[away_from_tail] > 0).float().mean().item()
+    assert (diff <= ulp * expected.abs() + 1e-6).all(), (diff - ulp * expected.abs()).max().item()
+    no_cancellation = x >= -1
+    assert no_cancellation.float().mean() > 0.5
+    rate = (diff[no_cancellation] > 0).float().mean().item()
     assert rate < 1e-3, rate
