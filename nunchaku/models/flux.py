@@ -198,8 +198,8 @@ def _joined_sequence(encoder_hidden_states: torch.Tensor, hidden_states: torch.T
     """torch.cat([encoder_hidden_states, hidden_states], dim=1), without the copy when the two are
     the text and image halves of one tensor, as the previous single block returns them (the halves
     share its memory, so it holds exactly their concatenation)."""
-    base = encoder_hidden_states._base
-    if (base is not None and hidden_states._base is base and not torch.compiler.is_compiling()
+    base = None if torch.compiler.is_compiling() else encoder_hidden_states._base
+    if (base is not None and hidden_states._base is base
             and base.dim() == 3 and base.is_contiguous()
             and encoder_hidden_states.shape[::2] == hidden_states.shape[::2]
             and base.shape == (hidden_states.shape[0], encoder_hidden_states.shape[1] + hidden_states.shape[1],
