@@ -124,8 +124,7 @@ def time_step(model, inputs: dict, warmup: int, repeats: int, device: str,
               graph_pools: bool = False) -> tuple[float, float]:
     """(median ms, peak GiB during the timed steps). graph_pools: the model replays CUDA graphs,
     whose intermediate tensors live in the graphs' private memory pools, which the allocated-bytes
-    peak does not count; the pools (what the allocator still reserves beyond the live tensors once
-    its cache is emptied) are then added to it."""
+    peak does not count: the pools' free part (graph_pool_gib) is added to it."""
     with torch.inference_mode():
         for _ in range(warmup):
             model(**inputs)
@@ -143,10 +142,15 @@ def time_step(model, inputs: dict, warmup: int, repeats: int, device: str,
 
 
 def graph_pool_gib() -> float:
-    """What the caching allocator reserves beyond the live tensors once its cache is emptied: the
-    CUDA graphs' private pools (plus the unused tails of partly used segments: an upper bound)."""
+    """Memory held by the CUDA graphs' private pools beyond their allocated tensors: the segments
+    of every pool but the default one (pool id (0, 0)) in the allocator's snapshot, less what is
+    allocated in them (the static inputs and outputs, already in the allocated peak)."""
     torch.cuda.empty_cache()
-    return (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / GIB
+    held = 0
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        if tuple(segment["segment_pool_id"]) != (0, 0):
+            held += segment["total_size"] - segment["allocated_size"]
+    return held / GIB
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins
