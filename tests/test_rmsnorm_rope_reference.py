@@ -34,8 +34,9 @@ def test_reference_equals_the_diffusers_modules(norm_class, dtype):
 
 def test_flux_layout_routes_every_q_and_k_through_the_fused_op(monkeypatch):
     """With the kernel's availability check forced (the CPU has no Triton kernel), the transformer
-    calls the op for q and k of both streams of every double block and of every single block,
-    with the norm flavour FLUX uses, and gives the diffusers path's output."""
+    calls the op for q and k of both streams of every double block (writing into the joined
+    sequence) and of every single block, with the norm flavour FLUX uses, and gives the diffusers
+    path's output."""
     transformer = to_nunchaku_layout(build_tiny_flux_pipeline(torch_dtype=torch.float32).transformer)
     transformer = transformer.to(torch.bfloat16)
     inp = transformer_inputs(batch=2)
@@ -43,12 +44,12 @@ def test_flux_layout_routes_every_q_and_k_through_the_fused_op(monkeypatch):
         expected = transformer(**inp)[0]
         calls = []
 
-        def recorded(x, weight, cos, sin, eps, round_before_weight):
+        def recorded(x, weight, cos, sin, eps, round_before_weight, out):
             calls.append(round_before_weight)
-            return reference_rmsnorm_rope(x, weight, cos, sin, eps, round_before_weight)
+            out.copy_(reference_rmsnorm_rope(x, weight, cos, sin, eps, round_before_weight))
 
         monkeypatch.setattr(rmsnorm_rope_triton, "rmsnorm_rope_problem", lambda *a: None)
-        monkeypatch.setattr(rmsnorm_rope_triton, "rmsnorm_rope", recorded)
+        monkeypatch.setattr(rmsnorm_rope_triton, "run_rmsnorm_rope_into", recorded)
         out = transformer(**inp)[0]
     assert len(calls) == 4 * len(transformer.transformer_blocks) + 2 * len(transformer.single_transformer_blocks)
     assert not any(calls)  # FLUX's q/k norms are torch.nn.RMSNorm: one rounding

@@ -211,22 +211,30 @@ def _joined_sequence(encoder_hidden_states: torch.Tensor, hidden_states: torch.T
     return torch.cat([encoder_hidden_states, hidden_states], dim=1)
 
 
-def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """`apply_rotary_emb(norm(x))` for queries or keys x [B, T, H, D] (rotary: the (cos, sin)
-    tables of these T tokens, or None). In eager mode on a CUDA GPU this is one fused kernel
-    (nunchaku.ops.rmsnorm_rope_triton, same roundings); elsewhere, and under NUNCHAKU_BACKEND=
-    reference, torch.compile (which fuses the diffusers version itself) or when gradients are
-    needed, diffusers' modules."""
+    tables of these T tokens, or None), written into `out` when given (e.g. its part of the joined
+    text + image sequence) and returned. In eager mode on a CUDA GPU this is one fused kernel
+    (nunchaku.ops.rmsnorm_rope_triton, same roundings) that writes `out` directly; elsewhere, and
+    under NUNCHAKU_BACKEND=reference, torch.compile (which fuses the diffusers version itself) or
+    when gradients are needed, diffusers' modules."""
     # torch.nn.RMSNorm rounds once (x * rstd * weight); diffusers' class rounds before the weight.
     round_before_weight = {torch.nn.RMSNorm: False, RMSNorm: True}.get(type(norm))
     weight = getattr(norm, "weight", None)
     if (rotary is not None and round_before_weight is not None and weight is not None
             and getattr(norm, "bias", None) is None and _fused_kernels_apply(x, weight)
-            and rmsnorm_rope_triton.rmsnorm_rope_problem(x, weight, rotary[0]) is None):
+            and rmsnorm_rope_triton.rmsnorm_rope_problem(x, weight, rotary[0]) is None
+            and rotary[1].shape == rotary[0].shape
+            and (out is None or rmsnorm_rope_triton.rmsnorm_rope_out_problem(x, out) is None)):
         eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-        return rmsnorm_rope_triton.rmsnorm_rope(x, weight, rotary[0], rotary[1], eps, round_before_weight)
+        if out is None:
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rmsnorm_rope_triton.run_rmsnorm_rope_into(x, weight, rotary[0], rotary[1], eps, round_before_weight, out)
+        return out
     x = norm(x)
-    return x if rotary is None else apply_rotary_emb(x, rotary, sequence_dim=1)
+    result = x if rotary is None else apply_rotary_emb(x, rotary, sequence_dim=1)
+    return result if out is None else out.copy_(result)
 
 
 class FusedQKFluxAttnProcessor:
@@ -250,12 +258,20 @@ class FusedQKFluxAttnProcessor:
         if image_rotary_emb is not None:
             cos, sin = image_rotary_emb
             rot_text, rot_image = (cos[:text_len], sin[:text_len]), (cos[text_len:], sin[text_len:])
-        query = norm_and_rotate(query, attn.norm_q, rot_image)
-        key = norm_and_rotate(key, attn.norm_k, rot_image)
-        if encoder_hidden_states is not None:
+        if encoder_hidden_states is None:
+            query = norm_and_rotate(query, attn.norm_q, rot_image)
+            key = norm_and_rotate(key, attn.norm_k, rot_image)
+        else:
             e_query, e_key, e_value = (heads(t) for t in attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1))
-            query = torch.cat([norm_and_rotate(e_query, attn.norm_added_q, rot_text), query], dim=1)
-            key = torch.cat([norm_and_rotate(e_key, attn.norm_added_k, rot_text), key], dim=1)
+            # Each stream's normed and rotated q / k go straight into its part of the joined
+            # sequence (text first): no concatenation afterwards.
+            joined_shape = (query.shape[0], text_len + query.shape[1], *query.shape[2:])
+            joined_q, joined_k = (query.new_empty(joined_shape) for _ in range(2))
+            norm_and_rotate(e_query, attn.norm_added_q, rot_text, out=joined_q[:, :text_len])
+            norm_and_rotate(query, attn.norm_q, rot_image, out=joined_q[:, text_len:])
+            norm_and_rotate(e_key, attn.norm_added_k, rot_text, out=joined_k[:, :text_len])
+            norm_and_rotate(key, attn.norm_k, rot_image, out=joined_k[:, text_len:])
+            query, key = joined_q, joined_k
             value = torch.cat([e_value, value], dim=1)
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                     parallel_config=self._parallel_config)

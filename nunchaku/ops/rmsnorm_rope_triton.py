@@ -63,7 +63,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def rmsnorm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, H, eps, sxb, sxt, sxh,
+    def rmsnorm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, H, eps, sxb, sxt, sxh, sob, sot,
                             D: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr):
         bt = tl.program_id(0).to(tl.int64)  # batch and token strides can exceed 2^31 elements
         b = bt // T
@@ -85,7 +85,7 @@ def _kernel():
         out_e = even * cos_e[None, :] + (-odd) * sin_e[None, :]
         out_o = odd * cos_o[None, :] + even * sin_o[None, :]
         out = tl.interleave(out_e, out_o).to(x.dtype)
-        tl.store(out_ptr + ((b * T + t) * H + h[:, None]) * D + d[None, :], out, mask=h_ok[:, None])
+        tl.store(out_ptr + b * sob + t * sot + h[:, None] * D + d[None, :], out, mask=h_ok[:, None])
 
     return rmsnorm_rope_kernel
 
@@ -98,24 +98,41 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
                  round_before_weight: bool = False) -> torch.Tensor:
     """x [B, T, H, D] (unit last stride) -> contiguous [B, T, H, D] in x.dtype; cos, sin [T, D].
     round_before_weight: diffusers' RMSNorm class (else torch.nn.RMSNorm's single rounding)."""
-    global _KERNEL
     problem = rmsnorm_rope_problem(x, weight, cos)
     if problem is None and sin.shape != cos.shape:
         problem = f"sin {tuple(sin.shape)} and cos {tuple(cos.shape)} differ"
     if problem is not None:
         raise ValueError(f"rmsnorm_rope: {problem}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    run_rmsnorm_rope_into(x, weight, cos, sin, eps, round_before_weight, out)
+    return out
+
+
+def rmsnorm_rope_out_problem(x: torch.Tensor, out: torch.Tensor) -> str | None:
+    """Why run_rmsnorm_rope_into cannot write x's result into `out`, or None if it can."""
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        return f"out is {tuple(out.shape)} {out.dtype} on {out.device}, x is {tuple(x.shape)} {x.dtype} on {x.device}"
+    if out.stride(3) != 1 or out.stride(2) != out.shape[3]:
+        return "out needs contiguous heads (strides [..., ..., D, 1])"
+    return None
+
+
+def run_rmsnorm_rope_into(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                          round_before_weight: bool, out: torch.Tensor) -> None:
+    """nunchaku::rmsnorm_rope written into `out` (any batch and token strides, contiguous heads: e.g.
+    the text or image part of the joined q/k the attention reads, so they need no concatenation),
+    without the dispatcher; the caller has checked rmsnorm_rope_problem / rmsnorm_rope_out_problem."""
+    global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
     bsz, t, h, d = x.shape
-    out = torch.empty((bsz, t, h, d), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
-        return out
+        return
     block_h = 1 << (h - 1).bit_length()
     with on_device_of(x):
         _KERNEL[(bsz * t,)](x, weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(), out, t, h, eps,
-                            x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK_H=block_h,
+                            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), D=d, BLOCK_H=block_h,
                             ROUND_BEFORE_WEIGHT=round_before_weight, num_warps=4, enable_fp_fusion=False)
-    return out
 
 
 @rmsnorm_rope.register_fake

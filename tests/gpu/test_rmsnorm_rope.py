@@ -39,6 +39,9 @@ def test_matches_diffusers_on_strided_views(dtype, tokens, norm_class):
         expected = apply_rotary_emb(norm(q), (cos, sin), sequence_dim=1)
         out = rmsnorm_rope(q, norm.weight, cos, sin, norm.eps, norm_class is RMSNorm)
         assert torch.equal(norm_and_rotate(q, norm, (cos, sin)), out)  # the module path takes the kernel
+        joined = torch.full((2, 5 + t, h, d), float("nan"), device="cuda", dtype=dtype)
+        assert norm_and_rotate(q, norm, (cos, sin), out=joined[:, 5:]).data_ptr() == joined[:, 5:].data_ptr()
+        assert torch.equal(joined[:, 5:], out) and joined[:, :5].isnan().all()  # written in place, nothing else
     assert out.shape == expected.shape and out.dtype == dtype and out.is_contiguous()
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
     # Only the sum of squares may add in another order, which can move a normalized input by one
@@ -94,8 +97,8 @@ def test_tiny_flux_layout_uses_it_in_every_block(monkeypatch):
     transformer = to_nunchaku_layout(build_tiny_flux_pipeline(torch_dtype=torch.bfloat16).transformer).to("cuda")
     inp = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in transformer_inputs(batch=2).items()}
     calls = []
-    real = fused_module.rmsnorm_rope
-    monkeypatch.setattr(fused_module, "rmsnorm_rope", lambda *a: calls.append(1) or real(*a))
+    real = fused_module.run_rmsnorm_rope_into
+    monkeypatch.setattr(fused_module, "run_rmsnorm_rope_into", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         fused = transformer(**inp)[0]
         assert len(calls) == 4 * len(transformer.transformer_blocks) + 2 * len(transformer.single_transformer_blocks)
