@@ -52,8 +52,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_gib(device: str) -> float:
-    return torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else float("nan")
+def _peak_gib(device: str, graph_pools: bool = False) -> float:
+    """Peak allocated GiB since the last reset; graph_pools: plus the free part of the CUDA graphs'
+    private pools (graph_pool_gib), where a replayed graph keeps its intermediates."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    return torch.cuda.max_memory_allocated() / GIB + (graph_pool_gib() if graph_pools else 0.0)
 
 
 def _reset_peak(device: str) -> None:
@@ -136,9 +140,7 @@ def time_step(model, inputs: dict, warmup: int, repeats: int, device: str,
             model(**inputs)
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
-    if graph_pools and device.startswith("cuda"):
-        return statistics.median(times), _peak_gib(device) + graph_pool_gib()
-    return statistics.median(times), _peak_gib(device)
+    return statistics.median(times), _peak_gib(device, graph_pools)
 
 
 def graph_pool_gib() -> float:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flux_step import (  # noqa: E402
-    FLUX_12B, GIB, SMALL, _peak_gib, _reset_peak, _sync, build_bf16, graph_pool_gib, on_device_bf16, quantize_int4,
+    FLUX_12B, GIB, SMALL, _peak_gib, _reset_peak, _sync, build_bf16, on_device_bf16, quantize_int4,
     step_inputs, weight_bytes,
 )
 
@@ -92,9 +92,7 @@ def time_pipeline(pipe, args, graph_pools: bool = False) -> tuple[float, float]:
         call()
         _sync(args.device)
         times.append(time.perf_counter() - start)
-    if graph_pools and args.device.startswith("cuda"):
-        return statistics.median(times), _peak_gib(args.device) + graph_pool_gib()
-    return statistics.median(times), _peak_gib(args.device)
+    return statistics.median(times), _peak_gib(args.device, graph_pools)
 
 
 def main(argv=None) -> int:

@@ -132,6 +132,10 @@ def _plain_layer_norm_eps(norm: nn.Module) -> float | None:
     return None
 
 
+def _diffusers_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
 def layer_norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """diffusers' `norm(x) * (1 + scale[:, None]) + shift[:, None]`; one fused kernel in eager mode
     on CUDA (nunchaku.ops.adaln_triton, same roundings)."""
@@ -139,7 +143,7 @@ def layer_norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, s
     if (eps is not None and _fused_kernels_apply(x, shift, scale)
             and adaln_triton.fused_adaln_problem(x, shift=shift, scale=scale) is None):
         return adaln_triton.run_adaln_modulate(x, shift, scale, eps)
-    return norm(x) * (1 + scale[:, None]) + shift[:, None]
+    return _diffusers_modulate(norm, x, shift, scale)
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, out2: torch.Tensor | None = None,
@@ -162,8 +166,8 @@ def gated_residual_norm_modulate(residual: torch.Tensor, gate: torch.Tensor, out
     if (eps is not None and _fused_kernels_apply(residual, gate, out, shift, scale)
             and adaln_triton.fused_adaln_problem(residual, gate=gate, out=out, shift=shift, scale=scale) is None):
         return adaln_triton.run_gated_residual_adaln(residual, gate, out, shift, scale, eps)
-    h = residual + gate[:, None] * out
-    return h, norm(h) * (1 + scale[:, None]) + shift[:, None]
+    h = adaln_triton.reference_gated_residual(residual, gate, out)
+    return h, _diffusers_modulate(norm, h, shift, scale)
 
 
 def ada_layer_norm_zero(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -175,10 +179,12 @@ def ada_layer_norm_zero(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor) ->
     return (layer_norm_modulate(norm.norm, x, shift, scale), *rest)
 
 
-def _is_tanh_gelu(act: nn.Module) -> bool:
-    """torch's nn.GELU(approximate="tanh") (single blocks) or diffusers' GELU projection module
-    with the same activation (the feed-forwards' net[0])."""
-    return type(act) in (nn.GELU, DiffusersGELU) and act.approximate == "tanh"
+def _gelu_fits_epilogue(linear: nn.Module, act: nn.Module) -> bool:
+    """Whether `act` after `linear` can run in the linear's GEMM epilogue: a W4A4 module followed by
+    torch's nn.GELU(approximate="tanh") (single blocks) or diffusers' GELU projection module with
+    the same activation (the feed-forwards' net[0])."""
+    return (isinstance(linear, SVDQW4A4Linear) and type(act) in (nn.GELU, DiffusersGELU)
+            and act.approximate == "tanh")
 
 
 def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +192,7 @@ def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
     the GELU runs in that GEMM's epilogue instead of as a pass of its own over the widest tensor
     of the block."""
     act = ff.net[0]
-    if not (_is_tanh_gelu(act) and isinstance(act.proj, SVDQW4A4Linear)):
+    if not _gelu_fits_epilogue(getattr(act, "proj", None), act):
         return ff(x)
     x = act.proj(x, gelu_from=0)
     for module in ff.net[1:]:
@@ -313,7 +319,7 @@ class SVDQFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         norm_hidden_states, gate = ada_layer_norm_zero(self.norm, residual, temb)
         inner = self.attn.inner_dim
         widths = [3 * inner, self.mlp_hidden_dim]
-        if isinstance(self.qkv_mlp, SVDQW4A4Linear) and _is_tanh_gelu(self.act_mlp):
+        if _gelu_fits_epilogue(self.qkv_mlp, self.act_mlp):
             # The MLP half's GELU runs in the GEMM's epilogue.
             qkv, mlp_act = self.qkv_mlp(norm_hidden_states, gelu_from=3 * inner).split(widths, dim=-1)
         else:

@@ -262,7 +262,7 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         """gelu_from: apply GELU (approximate="tanh") to the output columns from this one on, in the
         kernels' epilogue (an MLP up-projection followed by its activation, in one pass; even)."""
         _check_input(self, x)
-        ops.check_gelu_from(gelu_from, self.out_features)
+        ops.reference.check_gelu_from(gelu_from, self.out_features)
         lead = x.shape[:-1]
         lora_down, lora_up = self.lowrank_factors()
         x2 = x.reshape(-1, self.in_features)

@@ -126,12 +126,6 @@ def w4a4_linear(
                                gelu_from)
 
 
-def check_gelu_from(gelu_from: int | None, n: int) -> None:
-    """The GEMMs apply their epilogue GELU from an even column in [0, N] (they handle column pairs)."""
-    if gelu_from is not None and not (0 <= gelu_from <= n and gelu_from % 2 == 0):
-        raise ValueError(f"gelu_from = {gelu_from} must be an even column index in [0, {n}]")
-
-
 def use_triton_w4a16(x: torch.Tensor, group_size: int) -> bool:
     """Whether a W4A16 call on x goes to the Triton kernels (a GEMV for a few rows, a GEMM for
     many; CUDA GPU with triton) rather than the reference, per NUNCHAKU_BACKEND."""

@@ -46,12 +46,17 @@ def w4a4_gemm(
     return gelu_columns(y.to(out_dtype), gelu_from)
 
 
+def check_gelu_from(gelu_from: int | None, n: int) -> None:
+    """The GEMMs apply their epilogue GELU from an even column in [0, N] (they handle column pairs)."""
+    if gelu_from is not None and not (0 <= gelu_from <= n and gelu_from % 2 == 0):
+        raise ValueError(f"gelu_from = {gelu_from} must be an even column index in [0, {n}]")
+
+
 def gelu_columns(y: torch.Tensor, gelu_from: int | None) -> torch.Tensor:
     """y [M, N] with GELU (approximate="tanh", in y's dtype, as PyTorch computes it) applied to
     the columns from gelu_from on: what the W4A4 GEMMs' epilogue does to their rounded output.
     None (or N): y unchanged."""
-    if gelu_from is not None and not (0 <= gelu_from <= y.shape[-1] and gelu_from % 2 == 0):
-        raise ValueError(f"gelu_from = {gelu_from} must be an even column index in [0, {y.shape[-1]}]")
+    check_gelu_from(gelu_from, y.shape[-1])
     if gelu_from is None or gelu_from == y.shape[-1]:
         return y
     if gelu_from == 0:
