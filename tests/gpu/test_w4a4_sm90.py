@@ -48,6 +48,15 @@ def run_gemm(codes, scales, wp, wsp, lora_act, lora_up, bias, gelu_from=None):
     return out
 
 
+def check_gemm(x, layer, label):
+    """The GEMM on the reference quantizer's output against the float64 reference."""
+    codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
+    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"],
+                                exact=True)
+    check_close(out, exact, x.dtype, label)
+
+
 @pytest.mark.parametrize("act_unsigned", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k", [(1, 64), (3, 192), (257, 3072), (4608, 3072), (130, 12288)])
@@ -100,10 +109,7 @@ def test_gemm_matches_reference(m, k, n, dtype):
     gen = torch.Generator(device="cuda").manual_seed(m + k + n)
     layer = make_layer(k, n, 32, dtype, gen)
     x = (torch.randn(m, k, generator=gen, device="cuda")).to(dtype)
-    codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
-    out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
-    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], exact=True)
-    check_close(out, exact, dtype, f"gemm m={m} k={k} n={n} {dtype}")
+    check_gemm(x, layer, f"gemm m={m} k={k} n={n} {dtype}")
 
 
 @pytest.mark.parametrize("act_unsigned", [False, True])
@@ -118,7 +124,8 @@ def test_fused_layer_odd_k(m, k, n, act_unsigned):
     out = sm90.w4a4_linear_sm90(x, layer["smooth"], layer["lora_down"], layer["wp"], layer["wsp"],
                                 layer["lora_up"], layer["bias"], act_unsigned)
     codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"], act_unsigned)
-    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], exact=True)
+    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"],
+                                exact=True)
     check_close(out, exact, dtype, f"fused m={m} k={k} n={n} unsigned={act_unsigned}")
 
 
@@ -126,16 +133,42 @@ def test_fused_layer_odd_k(m, k, n, act_unsigned):
 @pytest.mark.parametrize("rank", [16, 48, 64, 96, 112, 128])
 @pytest.mark.parametrize("m,k", [(500, 64), (257, 320), (500, 3072), (192, 256)])
 def test_gemm_ranks(m, k, rank, dtype):
-    """The epilogue's lora_act rows are staged in 1 (rank <= 32) to 4 (rank 128) activation slots,
-    the slots the stages after the last one would use: short K (K = 64: one stage, slots never
-    used by the mainloop; K = 320: three stages), long K, a full and a partial last token tile."""
+    """Every rank the quantizer makes, with short K (K = 64: one stage; K = 320: three stages), long
+    K, a full and a partial last token tile."""
     gen = torch.Generator(device="cuda").manual_seed(m + k + rank)
     layer = make_layer(k, 384, rank, dtype, gen)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    check_gemm(x, layer, f"gemm m={m} k={k} rank={rank} {dtype}")
+
+
+@pytest.mark.parametrize("k", [64, 320, 3072])  # 1, 3 (odd group count) and 24 stages a tile
+def test_gemm_more_tiles_than_sms(k):
+    """Several waves of tiles, each with 1, 3 (the last one half empty) or 24 stages."""
+    m, n = 192 * 11 + 50, 128 * 24  # 288 tiles, the last token tile partial
+    assert (m + 191) // 192 * (n // 128) > torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator(device="cuda").manual_seed(k)
+    dtype = torch.bfloat16
+    layer = make_layer(k, n, 32, dtype, gen)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    check_gemm(x, layer, f"gemm m={m} k={k} n={n}")
+
+
+def test_gemm_infinite_scales_stay_in_their_rows():
+    """Rows with infinite activation scales (an overflowing input) give non-finite outputs in those
+    rows only: the empty second group of an odd group count reuses a scale slot, which must not
+    carry another tile's scale into its rows (0 * inf)."""
+    m, k, n = 192 * 12, 320, 128 * 24
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    dtype = torch.bfloat16
+    layer = make_layer(k, n, 32, dtype, gen)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    scales[:, :192] = float("inf")  # every group of the first token tile
     out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
-    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], exact=True)
-    check_close(out, exact, dtype, f"gemm m={m} k={k} rank={rank} {dtype}")
+    exact = reference_gemm_sm90(codes[192:], scales[:, 192:], layer["wp"], layer["wsp"], lora_act[192:],
+                                layer["lora_up"], layer["bias"], exact=True)
+    assert not torch.isfinite(out[:192]).all()
+    check_close(out[192:], exact, dtype, "rows after the infinite-scale tile")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
