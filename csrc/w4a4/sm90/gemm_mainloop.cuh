@@ -128,8 +128,9 @@ __device__ __forceinline__ void producer_loop(SharedStorage& sm, const CUtensorM
       ptx::tma_load_2d(sm.act[s], act_map, kt * kBlockK, m0, &sm.full[s]);
       ptx::bulk_g2s(sm.ascale[s][0], p.ascales + static_cast<int64_t>(g0) * p.m_pad + m0, kBlockM * 4, &sm.full[s]);
       // An odd group count leaves the last stage's second group empty: its weights are zero
-      // padding and its activation codes are TMA zero fill; the ascale slot keeps an older,
-      // finite value (zeroed at kernel start), so the promotion adds exactly zero.
+      // padding and its activation codes are TMA zero fill; the ascale slot keeps zero (from
+      // kernel start) or an earlier scale of the same rows, so the promotion adds exactly zero
+      // (or NaN in rows whose scales are infinite, which are not finite anyway; a GPU test).
       if (g1_valid)
         ptx::bulk_g2s(sm.ascale[s][1], p.ascales + static_cast<int64_t>(g0 + 1) * p.m_pad + m0, kBlockM * 4,
                       &sm.full[s]);
