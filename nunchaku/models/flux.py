@@ -230,8 +230,7 @@ def norm_and_rotate(x: torch.Tensor, norm: nn.Module, rotary: tuple[torch.Tensor
     weight = getattr(norm, "weight", None)
     if (rotary is not None and round_before_weight is not None and weight is not None
             and getattr(norm, "bias", None) is None and _fused_kernels_apply(x, weight)
-            and rmsnorm_rope_triton.rmsnorm_rope_problem(x, weight, rotary[0]) is None
-            and rotary[1].shape == rotary[0].shape
+            and rmsnorm_rope_triton.rmsnorm_rope_problem(x, weight, *rotary) is None
             and (out is None or rmsnorm_rope_triton.rmsnorm_rope_out_problem(x, out) is None)):
         eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
         if out is None:

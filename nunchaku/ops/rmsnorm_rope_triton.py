@@ -24,7 +24,8 @@ import torch
 from .triton_device import on_device_of
 
 
-def rmsnorm_rope_problem(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor) -> str | None:
+def rmsnorm_rope_problem(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor,
+                         sin: torch.Tensor) -> str | None:
     """Why the fused op cannot take this call, or None if it can."""
     if not x.is_cuda:
         return "x is not on a CUDA GPU"
@@ -36,6 +37,8 @@ def rmsnorm_rope_problem(x: torch.Tensor, weight: torch.Tensor | None, cos: torc
         return f"the RMSNorm needs a weight [{x.shape[-1]}] in x's dtype on x's device"
     if cos.shape != (x.shape[1], x.shape[3]) or cos.device != x.device:
         return f"rotary tables {tuple(cos.shape)} on {cos.device} do not match x {tuple(x.shape)} on {x.device}"
+    if sin.shape != cos.shape:
+        return f"sin {tuple(sin.shape)} and cos {tuple(cos.shape)} differ"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -98,9 +101,7 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
                  round_before_weight: bool = False) -> torch.Tensor:
     """x [B, T, H, D] (unit last stride) -> contiguous [B, T, H, D] in x.dtype; cos, sin [T, D].
     round_before_weight: diffusers' RMSNorm class (else torch.nn.RMSNorm's single rounding)."""
-    problem = rmsnorm_rope_problem(x, weight, cos)
-    if problem is None and sin.shape != cos.shape:
-        problem = f"sin {tuple(sin.shape)} and cos {tuple(cos.shape)} differ"
+    problem = rmsnorm_rope_problem(x, weight, cos, sin)
     if problem is not None:
         raise ValueError(f"rmsnorm_rope: {problem}")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
