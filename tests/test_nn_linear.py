@@ -120,7 +120,7 @@ def test_weight_layouts_round_trip_and_follow_the_device(monkeypatch):
     layer = SVDQW4A4Linear.from_weights(weights)
     assert layer.weight_layout is WeightLayout.NIBBLES  # on the CPU: the reference's layout
     layer._set_layout(WeightLayout.SM90)  # what a move to an H100 does
-    assert layer.qweight.shape == (256 // 128, 3, 128, 64) and layer.wscales.dtype == layer.compute_dtype
+    assert layer.qweight.shape == (3, 384 // 64, 64, 64) and layer.wscales.dtype == layer.compute_dtype  # N 256 -> 384
     back = layer.to_weights()
     assert torch.equal(back.qweight, weights.qweight) and torch.equal(back.wscales, weights.wscales)
     layer.to(torch.float32).to("cpu")  # .to() on the CPU returns it to the reference layout

@@ -50,8 +50,9 @@ constexpr int kGroup = 64;
 // padding, so that the 8 rows an ldmatrix phase (or a quarter-warp's 16-byte loads) touches
 // fall into distinct banks.
 constexpr int kXPitch = kGroup + 8;
-// Must match the GEMM M tile (sm90/config.cuh kBlockM): it bulk-copies the scales of whole tiles.
-constexpr int kScaleRowPad = 192;
+// A multiple of both token tiles of the sm_90 GEMM (128 and 192, sm90/config.cuh): it bulk-copies
+// the scales of whole tiles.
+constexpr int kScaleRowPad = 384;
 static_assert(kScaleRowPad % kRowsPerCta == 0, "CTAs must tile M_pad exactly");
 
 enum class CodeFormat { kE4m3Bytes, kInt4Nibbles };
@@ -392,7 +393,7 @@ void quantize_act(const char* op, const at::Tensor& x, const at::Tensor& smooth,
                   act_scales.is_contiguous() && act_scales.dim() == 2 && act_scales.size(0) == K / 64 &&
                   act_scales.size(1) == m_pad,
               op, ": act_scales must be a contiguous float32 [K/64, M_pad] = [", num(K / 64), ", ", num(m_pad),
-              "] tensor on x's device (M_pad = M rounded up to 192)");
+              "] tensor on x's device (M_pad = M rounded up to 384)");
   TORCH_CHECK(lora_act.device() == x.device() && lora_act.scalar_type() == at::kFloat && lora_act.is_contiguous() &&
                   lora_act.dim() == 2 && lora_act.size(0) == M && lora_act.size(1) == R,
               op, ": lora_act must be a contiguous float32 [M, R] = [", num(M), ", ", num(R), "] tensor on x's device");

@@ -198,8 +198,8 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         from ..ops.sm90_layout import unpack_weights_sm90
 
         g = self.in_features // self.group_size
-        scales = self.wscales[:g].t().to(self.bias.dtype)
-        return unpack_weights_sm90(self.qweight, self.in_features), scales
+        scales = self.wscales[:g, : self.out_features].t().to(self.bias.dtype)
+        return unpack_weights_sm90(self.qweight, self.out_features, self.in_features), scales
 
     @classmethod
     def from_weights(cls, w: W4A4Weights, dtype: torch.dtype = torch.bfloat16) -> SVDQW4A4Linear:

@@ -6,7 +6,7 @@ too (slowly); their speed can only be measured on an Ampere or Ada GPU.
 
 Notation as in :mod:`nunchaku.ops.sm90_layout` (``M`` tokens, ``K`` input channels with
 ``K % 64 == 0``, ``N`` output channels with ``N % 128 == 0``, ``R`` rank with ``R % 16 == 0``,
-``G = K / 64``, ``M_pad`` = M rounded up to 192).
+``G = K / 64``, ``M_pad`` = M rounded up to 384).
 
 Kernel-side tensors
 -------------------

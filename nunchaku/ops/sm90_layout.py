@@ -7,8 +7,9 @@ compare ``torch.ops.nunchaku.w4a4_quantize_act_sm90`` / ``w4a4_gemm_sm90`` again
 
 Notation: ``M`` tokens, ``K`` input channels (``K % 64 == 0``), ``N`` output channels
 (``N % 128 == 0``), ``R`` low-rank rank (``R % 16 == 0``), ``G = K / 64`` quantization groups,
-``KT = ceil(K / 128)`` K tiles of the GEMM, ``M_pad = ceil(M / 192) * 192`` (192 = the
-GEMM's token tile, ``BLOCK_M``).
+``KT = ceil(K / 128)`` K tiles of the GEMM, ``M_pad = ceil(M / 384) * 384`` (384: a multiple of
+both token tiles of the GEMM, 128 and 192), ``N_pad = ceil(N / 192) * 192`` (its wider channel
+tile).
 
 Kernel-side tensors
 -------------------
@@ -18,15 +19,19 @@ Kernel-side tensors
                     so the GEMM feeds them to the fp8 tensor cores through TMA unchanged. uint8
                     and not float8 storage: torch.library.opcheck and other generic utilities
                     have no float8 kernels.
-``act_scales``      float32 [G, M_pad], group-major (a 192-token tile of one group is 768
-                    contiguous bytes: one bulk copy). Columns ``M..M_pad-1`` hold 0.
+``act_scales``      float32 [G, M_pad], group-major (a token tile of one group is contiguous:
+                    one bulk copy). Columns ``M..M_pad-1`` hold 0.
 ``lora_act``        float32 [M, R], row-major: ``x @ lora_down`` (raw x, no smoothing/shift).
-``wcodes_packed``   uint8 [N/128, KT, 128, 64]: for output-channel tile ``nt`` and K tile ``kt``
-                    one contiguous 8 KB block (one bulk copy); inside it row ``r`` (channel
-                    ``n = 128*nt + r``) holds 64 bytes = the 128 codes of channels
-                    ``k = 128*kt + 2*b + h``, byte ``b`` low nibble (h=0) / high nibble (h=1),
-                    each a two's-complement int4. K is zero-padded to ``KT * 128``.
-``wscales_packed``  [2*KT, N] in the output dtype (bf16 or fp16, the dtype the scales are exact
+``wcodes_packed``   uint8 [KT, N_pad/64, 64, 64]: for K tile ``kt`` and 64-channel block ``b``
+                    one 4 KB block, in the order the GEMM's threads read their wgmma A fragments
+                    (the weights are the A operand, widened to fp8 in registers); a CTA's
+                    consecutive blocks of one K tile are one bulk copy. A block is [group gi
+                    (2)][warp w (4)][lane (32)][4 words of 8 nibbles], and nibble ``i`` of word
+                    ``j`` of that thread holds the code of channel ``n = 64*b + 16*w + lane//4 +
+                    8*(i//4)`` at ``k = 128*kt + 64*gi + 32*(j//2) + 16*(j%2) + 4*(lane%4) +
+                    i%4``; nibble ``i`` is bits ``4i..4i+3`` of the little-endian word, a
+                    two's-complement int4. K is zero-padded to ``KT * 128``, N to ``N_pad``.
+``wscales_packed``  [2*KT, N_pad] in the output dtype (bf16 or fp16, the dtype the scales are exact
                     in), group-major (row ``g`` = scales of group ``g`` for all N; rows
                     ``G..2*KT-1`` are 0). The kernel widens them to fp32 in shared memory.
 ``lora_up``         [N, R] in the output dtype, row-major (the logical tensor, unchanged).
@@ -40,8 +45,11 @@ import torch
 from ..config import GELU_SHIFT
 
 GROUP = 64
-BLOCK_M = 192
-BLOCK_N = 128
+# The GEMM's two tiles (tokens x channels): 192 x 128 (two consumer warpgroups) and 128 x 192
+# (three); act_scales are padded for both, the weights for the wider channel tile.
+SCALE_ROW_PAD = 384
+CHANNEL_PAD = 192
+CHANNEL_BLOCK = 64
 BLOCK_K = 128
 
 
@@ -50,8 +58,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def scale_rows_padded(m: int) -> int:
-    """M_pad: the token count the act_scales tensor is padded to (a multiple of BLOCK_M)."""
-    return _ceil_div(m, BLOCK_M) * BLOCK_M
+    """M_pad: the token count the act_scales tensor is padded to (a multiple of both token tiles)."""
+    return _ceil_div(m, SCALE_ROW_PAD) * SCALE_ROW_PAD
 
 
 def with_aligned_rows(x: torch.Tensor) -> torch.Tensor:
@@ -73,14 +81,14 @@ def pack_weights_sm90(wcodes: torch.Tensor, wscales: torch.Tensor) -> tuple[torc
             the layer's output dtype, which the kernel requires of them.
 
     Returns:
-        ``(wcodes_packed, wscales_packed)``: uint8 [N/128, KT, 128, 64] and [2*KT, N] in
+        ``(wcodes_packed, wscales_packed)``: uint8 [KT, N_pad/64, 64, 64] and [2*KT, N_pad] in
         wscales' dtype, laid out as described in the module docstring.
     """
     if wcodes.dim() != 2:
         raise ValueError(f"wcodes must be 2-D [N, K], got shape {tuple(wcodes.shape)}")
     n, k = wcodes.shape
-    if n % BLOCK_N or k % GROUP:
-        raise ValueError(f"need N % {BLOCK_N} == 0 and K % {GROUP} == 0, got N={n}, K={k}")
+    if n % 128 or k % GROUP:
+        raise ValueError(f"need N % 128 == 0 and K % {GROUP} == 0, got N={n}, K={k}")
     g = k // GROUP
     if tuple(wscales.shape) != (n, g):
         raise ValueError(f"wscales must be [N, K/64] = [{n}, {g}], got {tuple(wscales.shape)}")
@@ -91,22 +99,28 @@ def pack_weights_sm90(wcodes: torch.Tensor, wscales: torch.Tensor) -> tuple[torc
         raise ValueError("wcodes must lie in [-8, 7]")
     kt = _ceil_div(k, BLOCK_K)
     kp = kt * BLOCK_K
-    nib = torch.nn.functional.pad(codes, (0, kp - k)) & 0xF
-    nib = nib.view(n // BLOCK_N, BLOCK_N, kt, BLOCK_K // 2, 2)
-    packed = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8)
-    packed = packed.permute(0, 2, 1, 3).contiguous()
-    ws = torch.nn.functional.pad(wscales, (0, 2 * kt - g)).t().contiguous()
+    n_pad = _ceil_div(n, CHANNEL_PAD) * CHANNEL_PAD
+    nb = n_pad // CHANNEL_BLOCK
+    nib = torch.nn.functional.pad(codes, (0, kp - k, 0, n_pad - n)) & 0xF
+    # n = b*64 + w*16 + half*8 + row, k = kt*128 + gi*64 + q*32 + h*16 + t*4 + e
+    nib = nib.view(nb, 4, 2, 8, kt, 2, 2, 2, 4, 4)
+    # -> [kt, b, gi, w, row, t, q, h, half, e]: thread (w, lane = 4*row + t), word 2q + h,
+    # nibble 4*half + e
+    nib = nib.permute(4, 0, 5, 1, 3, 8, 6, 7, 2, 9).reshape(kt, nb, -1, 2)
+    packed = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).view(kt, nb, CHANNEL_BLOCK, BLOCK_K // 2)
+    ws = torch.nn.functional.pad(wscales, (0, 2 * kt - g, 0, n_pad - n)).t().contiguous()
     return packed, ws
 
 
-def unpack_weights_sm90(wcodes_packed: torch.Tensor, k: int) -> torch.Tensor:
+def unpack_weights_sm90(wcodes_packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Inverse of the code part of :func:`pack_weights_sm90`: int8 [N, K] codes in [-8, 7]."""
-    nt, kt, bn, half_bk = wcodes_packed.shape
-    p = wcodes_packed.to(torch.int16)
-    nib = torch.stack((p & 0xF, p >> 4), dim=-1)  # [nt, kt, 128, 64, 2]
+    kt, nb, _, half_bk = wcodes_packed.shape
+    p = wcodes_packed.to(torch.int16).reshape(kt, nb, -1)
+    nib = torch.stack((p & 0xF, p >> 4), dim=-1)
     nib = torch.where(nib >= 8, nib - 16, nib)
-    codes = nib.permute(0, 2, 1, 3, 4).reshape(nt * bn, kt * half_bk * 2)
-    return codes[:, :k].to(torch.int8)
+    nib = nib.view(kt, nb, 2, 4, 8, 4, 2, 2, 2, 4)  # [kt, b, gi, w, row, t, q, h, half, e]
+    codes = nib.permute(1, 3, 8, 4, 0, 2, 6, 7, 5, 9).reshape(nb * CHANNEL_BLOCK, kt * half_bk * 2)
+    return codes[:n, :k].to(torch.int8)
 
 
 def reference_quantize_act_sm90(
@@ -167,8 +181,8 @@ def reference_gemm_sm90(
     g = k // GROUP
     qa = act_codes.view(torch.float8_e4m3fn).to(torch.float64).view(m, g, GROUP)
     a = (qa * act_scales[:, :m].t().to(torch.float64)[..., None]).view(m, k)
-    qw = unpack_weights_sm90(wcodes_packed, k).to(torch.float64)
-    n = qw.shape[0]
-    w = (qw.view(n, g, GROUP) * wscales_packed[:g].t().to(torch.float64)[..., None]).view(n, k)
+    n = lora_up.shape[0]
+    qw = unpack_weights_sm90(wcodes_packed, n, k).to(torch.float64)
+    w = (qw.view(n, g, GROUP) * wscales_packed[:g, :n].t().to(torch.float64)[..., None]).view(n, k)
     y = a @ w.t() + lora_act.to(torch.float64) @ lora_up.to(torch.float64).t() + bias.to(torch.float64)
     return y if exact else y.to(lora_up.dtype)

@@ -24,6 +24,16 @@ from nunchaku.ops.sm90_layout import (
 
 pytestmark = pytest.mark.usefixtures("needs_sm90")
 
+# The GEMM's two tiles, tokens x channels (the op picks one per call; NUNCHAKU_SM90_GEMM_TILE forces it).
+TILES = {"192x128": (192, 128), "128x192": (128, 192)}
+
+
+@pytest.fixture(params=list(TILES))
+def gemm_tile(request, monkeypatch):
+    """Runs the test once with each GEMM tile forced; yields (tokens, channels) of the tile."""
+    monkeypatch.setenv("NUNCHAKU_SM90_GEMM_TILE", request.param)
+    return TILES[request.param]
+
 
 def make_layer(k: int, n: int, r: int, dtype: torch.dtype, gen: torch.Generator):
     layer = random_layer(k, n, r, dtype, gen)
@@ -103,7 +113,7 @@ def test_quantize_noncontiguous_x_and_rank64():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 3, 257, 4608])
 @pytest.mark.parametrize("k,n", FLUX_KN)
-def test_gemm_matches_reference(m, k, n, dtype):
+def test_gemm_matches_reference(m, k, n, dtype, gemm_tile):
     if m == 4608 and (k, n) not in [(3072, 3072), (15360, 3072)]:
         pytest.skip("large-M check limited to two shapes to keep the run short")
     gen = torch.Generator(device="cuda").manual_seed(m + k + n)
@@ -114,9 +124,9 @@ def test_gemm_matches_reference(m, k, n, dtype):
 
 @pytest.mark.parametrize("act_unsigned", [False, True])
 @pytest.mark.parametrize("m,k,n", [(3, 64, 128), (129, 192, 256), (300, 320, 384), (500, 192, 256), (1000, 3072, 3072)])
-def test_fused_layer_odd_k(m, k, n, act_unsigned):
+def test_fused_layer_odd_k(m, k, n, act_unsigned, gemm_tile):
     """Quantize + GEMM end to end, K not a multiple of 128 included (odd group count), partial last
-    192-token tiles included."""
+    token tiles and channel tiles (N not a multiple of the GEMM's 192) included."""
     gen = torch.Generator(device="cuda").manual_seed(m * k + n)
     dtype = torch.bfloat16
     layer = make_layer(k, n, 32, dtype, gen)
@@ -132,7 +142,7 @@ def test_fused_layer_odd_k(m, k, n, act_unsigned):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rank", [16, 48, 64, 96, 112, 128])
 @pytest.mark.parametrize("m,k", [(500, 64), (257, 320), (500, 3072), (192, 256)])
-def test_gemm_ranks(m, k, rank, dtype):
+def test_gemm_ranks(m, k, rank, dtype, gemm_tile):
     """Every rank the quantizer makes, with short K (K = 64: one stage; K = 320: three stages), long
     K, a full and a partial last token tile."""
     gen = torch.Generator(device="cuda").manual_seed(m + k + rank)
@@ -142,10 +152,11 @@ def test_gemm_ranks(m, k, rank, dtype):
 
 
 @pytest.mark.parametrize("k", [64, 320, 3072])  # 1, 3 (odd group count) and 24 stages a tile
-def test_gemm_more_tiles_than_sms(k):
+def test_gemm_more_tiles_than_sms(k, gemm_tile):
     """Several waves of tiles, each with 1, 3 (the last one half empty) or 24 stages."""
-    m, n = 192 * 11 + 50, 128 * 24  # 288 tiles, the last token tile partial
-    assert (m + 191) // 192 * (n // 128) > torch.cuda.get_device_properties(0).multi_processor_count
+    tokens, channels = gemm_tile
+    m, n = tokens * 17 + 50, 3072  # 288 tiles, the last token tile partial
+    assert -(-m // tokens) * (n // channels) > torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(k)
     dtype = torch.bfloat16
     layer = make_layer(k, n, 32, dtype, gen)
@@ -153,27 +164,29 @@ def test_gemm_more_tiles_than_sms(k):
     check_gemm(x, layer, f"gemm m={m} k={k} n={n}")
 
 
-def test_gemm_infinite_scales_stay_in_their_rows():
+def test_gemm_infinite_scales_stay_in_their_rows(gemm_tile):
     """Rows with infinite activation scales (an overflowing input) give non-finite outputs in those
     rows only: the empty second group of an odd group count reuses a scale slot, which must not
     carry another tile's scale into its rows (0 * inf)."""
-    m, k, n = 192 * 12, 320, 128 * 24
+    tokens, _ = gemm_tile
+    m, k, n = tokens * 18, 320, 3072
+    inf_rows = tokens + tokens // 2  # the first token tile and half of the second
     gen = torch.Generator(device="cuda").manual_seed(7)
     dtype = torch.bfloat16
     layer = make_layer(k, n, 32, dtype, gen)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
-    scales[:, :192] = float("inf")  # every group of the first token tile
+    scales[:, :inf_rows] = float("inf")
     out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
-    exact = reference_gemm_sm90(codes[192:], scales[:, 192:], layer["wp"], layer["wsp"], lora_act[192:],
-                                layer["lora_up"], layer["bias"], exact=True)
-    assert not torch.isfinite(out[:192]).all()
-    check_close(out[192:], exact, dtype, "rows after the infinite-scale tile")
+    exact = reference_gemm_sm90(codes[inf_rows:], scales[:, inf_rows:], layer["wp"], layer["wsp"],
+                                lora_act[inf_rows:], layer["lora_up"], layer["bias"], exact=True)
+    assert not torch.isfinite(out[:inf_rows]).all()
+    check_close(out[inf_rows:], exact, dtype, "rows after the infinite-scale rows")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gelu_from", [0, 130, 256, 384])  # all, mid n8 block of a tile, a tile edge, none
-def test_gemm_gelu_epilogue(gelu_from, dtype):
+@pytest.mark.parametrize("gelu_from", [0, 130, 256, 384])  # all, mid n8 block, a 128-channel tile edge, none
+def test_gemm_gelu_epilogue(gelu_from, dtype, gemm_tile):
     gen = torch.Generator(device="cuda").manual_seed(gelu_from)
     layer = make_layer(192, 384, 32, dtype, gen)
     x = (torch.randn(257, 192, generator=gen, device="cuda") * 2).to(dtype)
@@ -196,6 +209,9 @@ def test_gemm_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="lora_up"):
         torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act,
                                           layer["lora_up"].half(), layer["bias"], 128, out)
+    with pytest.raises(RuntimeError, match=r"act_scales must have shape \[4, 384\]"):
+        torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales[:, :192].contiguous(), layer["wp"], layer["wsp"], lora_act,
+                                          layer["lora_up"], layer["bias"], 128, out)
     with pytest.raises(RuntimeError, match="K = 100"):
         torch.ops.nunchaku.w4a4_quantize_act_sm90(x[:, :100], layer["smooth"][:100], layer["lora_down"][:100], False,
                                                   codes[:, :100], scales, lora_act)
@@ -203,6 +219,16 @@ def test_gemm_rejects_bad_arguments():
         torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], torch.zeros(8, 144, device="cuda"),
                                           torch.zeros(128, 144, device="cuda", dtype=torch.bfloat16), layer["bias"], 128,
                                           out)
+
+
+def test_gemm_rejects_an_unknown_forced_tile(monkeypatch):
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    layer = make_layer(256, 128, 32, torch.bfloat16, gen)
+    x = torch.randn(8, 256, generator=gen, device="cuda").to(torch.bfloat16)
+    codes, scales, lora_act = sm90.w4a4_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    monkeypatch.setenv("NUNCHAKU_SM90_GEMM_TILE", "256x128")
+    with pytest.raises(RuntimeError, match="NUNCHAKU_SM90_GEMM_TILE must be 192x128 or 128x192"):
+        run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
 
 
 def test_opcheck():
@@ -222,7 +248,7 @@ def test_opcheck():
     )
 
 
-def test_cuda_graph_capture():
+def test_cuda_graph_capture(gemm_tile):
     gen = torch.Generator(device="cuda").manual_seed(9)
     layer = make_layer(3072, 3072, 32, torch.bfloat16, gen)
     x = torch.randn(200, 3072, generator=gen, device="cuda").to(torch.bfloat16)

@@ -29,7 +29,7 @@ constexpr int kWarpM = kBlockM / kWarpsM, kWarpN = kBlockN / kWarpsN;
 constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;
 constexpr int kRowBytes = kGroup / 2;  // one row's codes of one group
 // Must match the quantizer's act_scales padding (quantize_act.cu kScaleRowPad).
-constexpr int kScaleRowPad = 192;
+constexpr int kScaleRowPad = 384;
 
 struct SharedStorage {
   uint8_t act[kStages][kBlockM * kRowBytes];

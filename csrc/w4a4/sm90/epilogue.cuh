@@ -1,7 +1,12 @@
-// Epilogue of the sm_90 W4A4 GEMM: each consumer warp's 16 x 128 slice of the wgmma
-// accumulator goes through the shared low-rank + bias + store epilogue (../lowrank_epilogue.cuh),
-// reading lora_act, lora_up and bias from where the producer staged them in shared memory
-// (stage_epilogue_operands in gemm_mainloop.cuh).
+// Epilogue of the sm_90 W4A4 GEMM, on the transposed tile the mainloop leaves: each consumer
+// warp holds 16 channels x kTokens tokens as kTokens / 8 mma.sync m16n8 C fragments (rows =
+// channels).
+//   1. + lora_act . lora_up^T by mma.sync m16n8k16 straight into the accumulators (A = lora_up's
+//      16 x 16 slices, B = lora_act, fp32 split into a 16-bit high part and a residual: two
+//      MMAs, ~16 significant bits with bf16, 22 with fp16);
+//   2. + bias, GELU on the channels >= gelu_from, one rounding to the output dtype;
+//   3. stmatrix.trans into shared memory (tokens as rows), then 16-byte stores of whole output
+//      row pieces (the fragments' own layout would scatter 2-byte stores over 16 rows).
 #pragma once
 
 #include "../lowrank_epilogue.cuh"
@@ -9,35 +14,85 @@
 
 namespace nunchaku::w4a4::sm90 {
 
-struct SharedEpilogueOperands {
-  const SharedStorage& sm;
-  int m0, n0, M, R, KT;
-  __device__ __forceinline__ const float* lora_act_row(int row) const {
-    if (row >= M) return nullptr;
-    const int local = row - m0, per_slot = act_rows_per_slot(R);
-    const int piece = local / per_slot;
-    return reinterpret_cast<const float*>(sm.act[act_slot_of_piece(KT, piece)]) + (local - piece * per_slot) * R;
-  }
-  __device__ __forceinline__ float2 lora_act_pair(const float* row, int r) const {
-    return *reinterpret_cast<const float2*>(row + r);
-  }
-  __device__ __forceinline__ uint32_t lora_up_pair(int n, int r) const {
-    // The lora_up tile spans the whole packed ring, viewed as one flat byte array.
-    const uint8_t* ring = reinterpret_cast<const uint8_t*>(sm.w_packed);
-    return *reinterpret_cast<const uint32_t*>(ring + ((n - n0) * R + r) * 2);
-  }
-  __device__ __forceinline__ uint32_t bias_pair(int n) const {
-    return *reinterpret_cast<const uint32_t*>(&sm.bias[n - n0]);
-  }
-};
+template <class T, bool kBf16>
+__device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpilogueParams& p, int m0, int n0, int wg,
+                                         float (&acc)[T::kAccRegs]) {
+  using H = Half2<kBf16>;
+  const int tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, kq = 2 * (lane % 4);
+  const int ch_local = wg * 64 + warp * 16 + g;  // rows ch_local and ch_local + 8 of the tile
+  const int ch_a = n0 + ch_local, ch_b = ch_a + 8;
 
-template <bool kBf16>
-__device__ __forceinline__ void epilogue(const SharedStorage& sm, const EpilogueParams& p, int m0, int n0, int KT,
-                                         int wg, float (&acc)[64]) {
-  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-  ptx::mbar_wait(&sm.epilogue_full, 0);
-  const SharedEpilogueOperands src{sm, m0, n0, p.M, p.R, KT};
-  lowrank_bias_store<kBf16, kBlockN / 8>(p, src, m0 + wg * 64 + warp * 16 + lane / 4, n0, acc);
+  // The last channel tile may reach past N (the weights are zero-padded to whole tiles): those
+  // warpgroups skip the operands they would read out of bounds and store nothing.
+  const bool channels_valid = n0 + wg * 64 < p.N;
+  const uint16_t* up = static_cast<const uint16_t*>(p.lora_up);
+  for (int r0 = 0; channels_valid && r0 < p.R; r0 += 16) {
+    uint32_t a[4];
+    a[0] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_a) * p.R + r0 + kq));
+    a[1] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_b) * p.R + r0 + kq));
+    a[2] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_a) * p.R + r0 + kq + 8));
+    a[3] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_b) * p.R + r0 + kq + 8));
+#pragma unroll
+    for (int j = 0; j < T::kTokens / 8; ++j) {
+      const int tok = m0 + 8 * j + g;
+      float2 l0 = make_float2(0.f, 0.f), l1 = make_float2(0.f, 0.f);
+      if (tok < p.M) {
+        const float* row = p.lora_act + static_cast<int64_t>(tok) * p.R + r0 + kq;
+        l0 = __ldg(reinterpret_cast<const float2*>(row));
+        l1 = __ldg(reinterpret_cast<const float2*>(row + 8));
+      }
+      const float h00 = H::round_trip(l0.x), h01 = H::round_trip(l0.y);
+      const float h10 = H::round_trip(l1.x), h11 = H::round_trip(l1.y);
+      float c[4] = {acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]};
+      ptx::mma_m16n8k16<kBf16>(c, a, H::pack(h00, h01), H::pack(h10, h11));
+      ptx::mma_m16n8k16<kBf16>(c, a, H::pack(l0.x - h00, l0.y - h01), H::pack(l1.x - h10, l1.y - h11));
+      acc[4 * j] = c[0];
+      acc[4 * j + 1] = c[1];
+      acc[4 * j + 2] = c[2];
+      acc[4 * j + 3] = c[3];
+    }
+  }
+
+  const uint16_t* bias = static_cast<const uint16_t*>(p.bias);
+  const float bias_a = channels_valid ? H::to_float2(__ldg(bias + ch_a)).x : 0.f;
+  const float bias_b = channels_valid ? H::to_float2(__ldg(bias + ch_b)).x : 0.f;
+  const bool gelu_a = ch_a >= p.gelu_from, gelu_b = ch_b >= p.gelu_from;
+
+  // Rows 8 j' + i of the staging tile (tokens) take, from matrix q = lane / 8 of a stmatrix.x4,
+  // channels ch_local - g + 8 (q % 2) .. + 7 of n8 block j' = j + q / 2.
+  const int q = lane / 8;
+  const uint32_t stage_addr = ptx::smem_addr(sm.out) + (8 * (q / 2) + lane % 8) * T::kOutPitch +
+                              (wg * 64 + warp * 16 + 8 * (q % 2)) * 2;
+#pragma unroll
+  for (int j = 0; j < T::kTokens / 8; j += 2) {
+    uint32_t y[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float v[4] = {acc[4 * (j + h)] + bias_a, acc[4 * (j + h) + 1] + bias_a, acc[4 * (j + h) + 2] + bias_b,
+                    acc[4 * (j + h) + 3] + bias_b};
+      if (gelu_a) v[0] = gelu_tanh(H::round_trip(v[0])), v[1] = gelu_tanh(H::round_trip(v[1]));
+      if (gelu_b) v[2] = gelu_tanh(H::round_trip(v[2])), v[3] = gelu_tanh(H::round_trip(v[3]));
+      y[2 * h] = H::pack(v[0], v[1]);
+      y[2 * h + 1] = H::pack(v[2], v[3]);
+    }
+    ptx::stmatrix_x4_trans(stage_addr + 8 * j * T::kOutPitch, y[0], y[1], y[2], y[3]);
+  }
+  // Each warpgroup stores its own 64 channels of every row: only its four warps need to agree.
+  ptx::named_bar_sync(1 + wg, 128);
+  if (n0 + wg * 64 >= p.N) return;  // channel padding of the last tile (N % 64 == 0)
+  uint16_t* out = static_cast<uint16_t*>(p.out);
+  constexpr int kPiecesPerRow = 64 * 2 / 16;
+#pragma unroll
+  for (int i = 0; i < T::kTokens * kPiecesPerRow / 128; ++i) {
+    const int piece = tid + 128 * i;
+    const int r = piece / kPiecesPerRow, c = piece % kPiecesPerRow;
+    if (m0 + r < p.M) {
+      const uint4 v = *reinterpret_cast<const uint4*>(sm.out + r * T::kOutPitch + wg * 128 + c * 16);
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(m0 + r) * p.N + n0 + wg * 64 + c * 8) = v;
+    }
+  }
 }
 
 }  // namespace nunchaku::w4a4::sm90

@@ -1,6 +1,6 @@
 // sm_90a W4A4 GEMM: y[M, N] = dequant(act_codes) . dequant(w)^T + lora_act . lora_up^T + bias.
-// Kernel = producer warpgroup + 3 consumer warpgroups (gemm_mainloop.cuh), fused epilogue
-// (epilogue.cuh). The host side checks arguments, builds the TMA descriptor and launches.
+// Kernel = a producer warpgroup (one thread issues the copies) + 2 or 3 consumer warpgroups
+// (config.cuh, gemm_mainloop.cuh), fused epilogue (epilogue.cuh). The host side checks arguments, builds the TMA descriptor and launches.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,7 +11,9 @@
 
 #include <ATen/ops/zeros.h>
 
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <set>
 
 #include "../check.h"
@@ -23,8 +25,8 @@
 namespace nunchaku::w4a4::sm90 {
 namespace {
 
-template <bool kBf16>
-__global__ void __launch_bounds__(kThreads, 1)
+template <class T, bool kBf16>
+__global__ void __launch_bounds__(T::kThreads, 1)
     w4a4_gemm_kernel(const __grid_constant__ CUtensorMap act_map, const MainloopParams mp, const EpilogueParams ep) {
   // wgmma, setmaxnreg and TMA exist only on sm_90a; the library also carries the Ampere/Ada
   // targets, for which this kernel is empty (gemm_sm90 refuses other GPUs before launching).
@@ -34,34 +36,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   // directly (no integer round-up) keeps the compiler aware that every access is shared
   // memory: LDS/STS instead of generic LD/ST (measured: the round-up made them generic).
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  auto& sm = *reinterpret_cast<SharedStorage*>(smem_raw);
+  auto& sm = *reinterpret_cast<typename T::Smem*>(smem_raw);
 
   // Tiles along N vary fastest, so CTAs resident together share the activation tile in L2.
-  const int n0 = blockIdx.x * kBlockN;
-  const int m0 = blockIdx.y * kBlockM;
+  const int n0 = blockIdx.x * T::kChannels;
+  const int m0 = blockIdx.y * T::kTokens;
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      ptx::mbar_init(&sm.full[s], kProducerThreads + 1);
-      ptx::mbar_init(&sm.empty[s], kConsumerWarpgroups * 4);
-      ptx::mbar_init(&sm.packed[s], 1);
+    for (int s = 0; s < T::kStages; ++s) {
+      ptx::mbar_init(&sm.full[s], 1);
+      ptx::mbar_init(&sm.empty[s], T::kConsumerWarpgroups * 4);
     }
-    ptx::mbar_init(&sm.epilogue_full, 1);
     ptx::fence_barrier_init();
     ptx::prefetch_tensormap(&act_map);
   }
-  for (int i = threadIdx.x; i < kStages * 2 * kBlockM; i += kThreads) (&sm.ascale[0][0][0])[i] = 0.f;
+  for (int i = threadIdx.x; i < T::kStages * 2 * T::kTokens; i += T::kThreads) (&sm.ascale[0][0][0])[i] = 0.f;
   __syncthreads();
 
   if (wg == 0) {
-    ptx::setmaxnreg_dec<kProducerRegs>();
-    producer_loop<kBf16>(sm, &act_map, mp, ep, m0, n0);
+    ptx::setmaxnreg_dec<T::kProducerRegs>();
+    if (threadIdx.x == 0) producer_loop<T>(sm, &act_map, mp, m0, n0);
   } else {
-    ptx::setmaxnreg_inc<kConsumerRegs>();
-    float acc[64];
-    consumer_mainloop(sm, mp, wg - 1, acc);
-    epilogue<kBf16>(sm, ep, m0, n0, mp.KT, wg - 1, acc);
+    ptx::setmaxnreg_inc<T::kConsumerRegs>();
+    float acc[T::kAccRegs];
+    consumer_mainloop<T, kBf16>(sm, mp, wg - 1, acc);
+    epilogue<T, kBf16>(sm, ep, m0, n0, wg - 1, acc);
   }
 #else
   __trap();  // unreachable: gemm_sm90 checks for an sm_90a build first (check_sm90a_build)
@@ -108,13 +108,13 @@ PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
   return fn;
 }
 
-// act_codes [M, K] bytes, row pitch K: boxes of kBlockM tokens x 128 bytes, 128-byte swizzle (what
+// act_codes [M, K] bytes, row pitch K: boxes of `tokens` rows x 128 bytes, 128-byte swizzle (what
 // wgmma's K-major descriptor expects); rows past M and columns past K are zero-filled.
-CUtensorMap make_act_map(const at::Tensor& act_codes) {
+CUtensorMap make_act_map(const at::Tensor& act_codes, int tokens) {
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(act_codes.size(1)), static_cast<cuuint64_t>(act_codes.size(0))};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(act_codes.stride(0))};
-  const cuuint32_t box[2] = {kBlockK, kBlockM};
+  const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(tokens)};
   const cuuint32_t elem_strides[2] = {1, 1};
   const CUresult res = get_encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, act_codes.data_ptr(), dims, strides,
                                        box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -123,12 +123,31 @@ CUtensorMap make_act_map(const at::Tensor& act_codes) {
   return map;
 }
 
-template <bool kBf16>
-void launch(const CUtensorMap& map, const MainloopParams& mp, const EpilogueParams& ep, int M, cudaStream_t stream) {
-  allow_dynamic_smem(reinterpret_cast<const void*>(w4a4_gemm_kernel<kBf16>), kSmemBytes);
-  const dim3 grid(mp.N / kBlockN, (M + kBlockM - 1) / kBlockM);
-  w4a4_gemm_kernel<kBf16><<<grid, kThreads, kSmemBytes, stream>>>(map, mp, ep);
+template <class T, bool kBf16>
+void launch(const at::Tensor& act_codes, const MainloopParams& mp, const EpilogueParams& ep, cudaStream_t stream) {
+  const CUtensorMap map = make_act_map(act_codes, T::kTokens);
+  allow_dynamic_smem(reinterpret_cast<const void*>(w4a4_gemm_kernel<T, kBf16>), T::kSmemBytes);
+  const dim3 grid((ep.N + T::kChannels - 1) / T::kChannels, (ep.M + T::kTokens - 1) / T::kTokens);
+  w4a4_gemm_kernel<T, kBf16><<<grid, T::kThreads, T::kSmemBytes, stream>>>(map, mp, ep);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The tile for this problem: 192 tokens x 128 channels (two consumer warpgroups; measured the
+// faster one per tile at M = 4608), unless 128 x 192 (three) needs fewer waves of CTAs over the
+// SMs (e.g. M = 1024, N = 3072: 144 tiles against 128 on 132 SMs); NUNCHAKU_SM90_GEMM_TILE =
+// "192x128" or "128x192" forces one (tests, benchmarks).
+int consumer_warpgroups_for(int64_t M, int64_t N, int sms) {
+  if (const char* forced = std::getenv("NUNCHAKU_SM90_GEMM_TILE"); forced != nullptr && forced[0] != '\0') {
+    const std::string tile(forced);
+    TORCH_CHECK(tile == "192x128" || tile == "128x192", "NUNCHAKU_SM90_GEMM_TILE must be 192x128 or 128x192 "
+                "(tokens x channels), got '", tile, "'");
+    return tile == "192x128" ? 2 : 3;
+  }
+  const int64_t waves2 = ceil_div(ceil_div(M, Tile<2>::kTokens) * ceil_div(N, Tile<2>::kChannels), sms);
+  const int64_t waves3 = ceil_div(ceil_div(M, Tile<3>::kTokens) * ceil_div(N, Tile<3>::kChannels), sms);
+  return waves3 < waves2 ? 3 : 2;
 }
 
 }  // namespace
@@ -145,25 +164,28 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf, op,
               ": out must be bfloat16 or float16, got ", out.scalar_type());
   TORCH_CHECK(act_codes.dim() == 2, op, ": act_codes must be 2-D [M, K]");
-  TORCH_CHECK(wcodes_packed.dim() == 4, op, ": wcodes_packed must be 4-D [N/128, K_pad/128, 128, 64]");
+  TORCH_CHECK(wcodes_packed.dim() == 4, op, ": wcodes_packed must be 4-D [K_pad/128, N_pad/64, 64, 64]");
   TORCH_CHECK(lora_up.dim() == 2, op, ": lora_up must be 2-D [N, R]");
   const int64_t M = act_codes.size(0), K = act_codes.size(1);
-  const int64_t N = wcodes_packed.size(0) * kBlockN;
-  const int64_t KT = wcodes_packed.size(1);
+  const int64_t N = lora_up.size(0);
+  TORCH_CHECK(N > 0 && N % 128 == 0, op, ": N = ", num(N), " (lora_up's rows) must be a positive multiple of 128");
+  const int64_t n_pad = ceil_div(N, Tile<3>::kChannels) * Tile<3>::kChannels;
+  const int64_t KT = wcodes_packed.size(0);
   const int64_t R = lora_up.size(1);
   TORCH_CHECK(K > 0 && K % 64 == 0, op, ": K = ", num(K), " must be a positive multiple of 64");
   TORCH_CHECK(KT == (K + kBlockK - 1) / kBlockK, op, ": wcodes_packed has ", num(KT), " K tiles, act_codes has K = ",
               num(K), " (expected ", num((K + kBlockK - 1) / kBlockK), ")");
   TORCH_CHECK(R % 16 == 0 && R >= 16 && R <= kMaxRank, op, ": rank R = ", num(R), " must be a multiple of 16 in [16, ",
               num(kMaxRank), "]");
-  const int64_t m_pad = (M + kBlockM - 1) / kBlockM * kBlockM;
+  // A multiple of both tiles' token counts (the quantizer pads to it: quantize_act.cu).
+  const int64_t m_pad = ceil_div(M, 384) * 384;
   const auto dev = out.device();
   check_device_arch(op, dev, 90, 90, "a Hopper GPU (sm_90)");
   check_sm90a_build(dev);
   check_operand(op, act_codes, "act_codes", dev, at::kByte, {M, K});
   check_operand(op, act_scales, "act_scales", dev, at::kFloat, {K / 64, m_pad});
-  check_operand(op, wcodes_packed, "wcodes_packed", dev, at::kByte, {N / kBlockN, KT, kBlockN, kBlockK / 2});
-  check_operand(op, wscales_packed, "wscales_packed", dev, out.scalar_type(), {2 * KT, N});
+  check_operand(op, wcodes_packed, "wcodes_packed", dev, at::kByte, {KT, n_pad / kChannelBlock, kChannelBlock, kBlockK / 2});
+  check_operand(op, wscales_packed, "wscales_packed", dev, out.scalar_type(), {2 * KT, n_pad});
   check_operand(op, lora_act, "lora_act", dev, at::kFloat, {M, R});
   check_operand(op, lora_up, "lora_up", dev, out.scalar_type(), {N, R});
   check_operand(op, bias, "bias", dev, out.scalar_type(), {N});
@@ -174,18 +196,18 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
 
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const CUtensorMap map = make_act_map(act_codes);
   const MainloopParams mp{wcodes_packed.data_ptr<uint8_t>(),
                           static_cast<const uint16_t*>(wscales_packed.data_ptr()), act_scales.data_ptr<float>(),
-                          static_cast<int>(N), static_cast<int>(K / 64), static_cast<int>(KT),
+                          static_cast<int>(n_pad), static_cast<int>(K / 64), static_cast<int>(KT),
                           static_cast<int>(m_pad)};
   const EpilogueParams ep{lora_act.data_ptr<float>(), lora_up.data_ptr(), bias.data_ptr(), out.data_ptr(),
                           static_cast<int>(M), static_cast<int>(N), static_cast<int>(R),
                           static_cast<int>(gelu_from)};
-  if (out.scalar_type() == at::kBFloat16)
-    launch<true>(map, mp, ep, static_cast<int>(M), stream);
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  if (consumer_warpgroups_for(M, N, device_info(dev.index()).sms) == 2)
+    bf16 ? launch<Tile<2>, true>(act_codes, mp, ep, stream) : launch<Tile<2>, false>(act_codes, mp, ep, stream);
   else
-    launch<false>(map, mp, ep, static_cast<int>(M), stream);
+    bf16 ? launch<Tile<3>, true>(act_codes, mp, ep, stream) : launch<Tile<3>, false>(act_codes, mp, ep, stream);
 }
 
 }  // namespace nunchaku::w4a4
