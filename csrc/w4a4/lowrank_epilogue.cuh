@@ -1,13 +1,14 @@
-// The epilogue both W4A4 GEMMs share: y = acc + lora_act @ lora_up^T + bias, rounded once; on the
-// columns n >= gelu_from, GELU (tanh) of that rounded value, rounded again (the MLP up-projections:
-// what PyTorch's GELU kernel gives reading the stored output, without its pass over it).
+// The W4A4 GEMMs' epilogue: y = acc + lora_act @ lora_up^T + bias, rounded once; on the columns
+// n >= gelu_from, GELU (tanh) of that rounded value, rounded again (the MLP up-projections: what
+// PyTorch's GELU kernel gives reading the stored output, without its pass over it). The
+// parameters and the GELU are shared; lowrank_bias_store below is the sm_80 kernel's (the sm_90
+// kernel computes y^T and has its own, sm90/epilogue.cuh, with the same numerics).
 //
-// Both mainloops leave a warp's result as mma.sync m16n8 C fragments (the wgmma m64nN
-// accumulator of a warp is laid out as N/8 of them; the sm_80 kernel accumulates in them
-// directly), so the rank-R up projection runs as mma.sync m16n8k16 straight into the
-// accumulator registers. lora_act is fp32; it is split into a 16-bit high part and a 16-bit
-// residual (two MMAs): about 16 significant bits of lora_act with bf16, 22 with fp16 (one 16-bit
-// operand alone gives 8 or 11), for R/8 extra mma.sync per n8 block.
+// The sm_80 mainloop leaves a warp's result as mma.sync m16n8 C fragments, so the rank-R up
+// projection runs as mma.sync m16n8k16 straight into the accumulator registers. lora_act is
+// fp32; it is split into a 16-bit high part and a 16-bit residual (two MMAs): about 16
+// significant bits of lora_act with bf16, 22 with fp16 (one 16-bit operand alone gives 8 or 11),
+// for R/8 extra mma.sync per n8 block.
 #pragma once
 
 #include <cmath>
@@ -64,7 +65,7 @@ struct GlobalEpilogueOperands {
 
 // One warp: rows row_a = (first row of the m16 block) + lane/4 and row_a + 8, columns
 // n_base + 8*j + 2*(lane%4) + {0, 1} for j < kNTiles; acc[4*j .. 4*j+3] is n8 block j's C fragment.
-// Operands: GlobalEpilogueOperands or a shared-memory staging of the same values (sm_90).
+// Operands: GlobalEpilogueOperands (or any type with the same accessors).
 template <bool kBf16, int kNTiles, class Operands>
 __device__ __forceinline__ void lowrank_bias_store(const EpilogueParams& p, const Operands& src, int row_a, int n_base,
                                                    float* __restrict__ acc) {
