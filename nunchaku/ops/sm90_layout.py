@@ -33,7 +33,7 @@ Kernel-side tensors
                     two's-complement int4. K is zero-padded to ``KT * 128``, N to ``N_pad``.
 ``wscales_packed``  [2*KT, N_pad] in the output dtype (bf16 or fp16, the dtype the scales are exact
                     in), group-major (row ``g`` = scales of group ``g`` for all N; rows
-                    ``G..2*KT-1`` are 0). The kernel widens them to fp32 in shared memory.
+                    ``G..2*KT-1`` are 0). The kernel widens them to fp32 in registers.
 ``lora_up``         [N, R] in the output dtype, row-major (the logical tensor, unchanged).
 ``bias``            [N] in the output dtype.
 """

@@ -151,11 +151,12 @@ def test_gemm_ranks(m, k, rank, dtype, gemm_tile):
     check_gemm(x, layer, f"gemm m={m} k={k} rank={rank} {dtype}")
 
 
-@pytest.mark.parametrize("k", [64, 320, 3072])  # 1, 3 (odd group count) and 24 stages a tile
+@pytest.mark.parametrize("k", [64, 320, 704, 3072])  # 1, 3 and 6 (odd group counts) and 24 stages a tile
 def test_gemm_more_tiles_than_sms(k, gemm_tile):
-    """Several waves of tiles, each with 1, 3 (the last one half empty) or 24 stages."""
+    """Several waves of tiles, each with 1, 3 or 6 (the last one half empty: 6 also wraps the
+    5-stage ring) or 24 stages."""
     tokens, channels = gemm_tile
-    m, n = tokens * 17 + 50, 3072  # 288 tiles, the last token tile partial
+    m, n = tokens * 17 + 50, 3072  # 18 x (3072 / channels) tiles, the last token tile partial
     assert -(-m // tokens) * (n // channels) > torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(k)
     dtype = torch.bfloat16
@@ -166,10 +167,10 @@ def test_gemm_more_tiles_than_sms(k, gemm_tile):
 
 def test_gemm_infinite_scales_stay_in_their_rows(gemm_tile):
     """Rows with infinite activation scales (an overflowing input) give non-finite outputs in those
-    rows only: the empty second group of an odd group count reuses a scale slot, which must not
-    carry another tile's scale into its rows (0 * inf)."""
+    rows only (the empty second group of an odd group count must not read a scale slot that no
+    copy filled: 0 * inf)."""
     tokens, _ = gemm_tile
-    m, k, n = tokens * 18, 320, 3072
+    m, k, n = tokens * 18, 704, 3072  # odd group count, the ring wrapped: the empty group is skipped
     inf_rows = tokens + tokens // 2  # the first token tile and half of the second
     gen = torch.Generator(device="cuda").manual_seed(7)
     dtype = torch.bfloat16
@@ -185,7 +186,7 @@ def test_gemm_infinite_scales_stay_in_their_rows(gemm_tile):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gelu_from", [0, 130, 256, 384])  # all, mid n8 block, a 128-channel tile edge, none
+@pytest.mark.parametrize("gelu_from", [0, 130, 256, 384])  # all, mid n8 block, a 128-channel boundary, none
 def test_gemm_gelu_epilogue(gelu_from, dtype, gemm_tile):
     gen = torch.Generator(device="cuda").manual_seed(gelu_from)
     layer = make_layer(192, 384, 32, dtype, gen)
@@ -215,6 +216,10 @@ def test_gemm_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="K = 100"):
         torch.ops.nunchaku.w4a4_quantize_act_sm90(x[:, :100], layer["smooth"][:100], layer["lora_down"][:100], False,
                                                   codes[:, :100], scales, lora_act)
+    with pytest.raises(RuntimeError, match="M = 8388609 tokens is more than the 8388480"):
+        torch.ops.nunchaku.w4a4_gemm_sm90(torch.empty(8388609, 256, device="cuda", dtype=torch.uint8), scales,
+                                          layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], 128,
+                                          out)
     with pytest.raises(RuntimeError, match="rank R = 144"):
         torch.ops.nunchaku.w4a4_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], torch.zeros(8, 144, device="cuda"),
                                           torch.zeros(128, 144, device="cuda", dtype=torch.bfloat16), layer["bias"], 128,

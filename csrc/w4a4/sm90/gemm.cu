@@ -51,7 +51,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     ptx::fence_barrier_init();
     ptx::prefetch_tensormap(&act_map);
   }
-  for (int i = threadIdx.x; i < T::kStages * 2 * T::kTokens; i += T::kThreads) (&sm.ascale[0][0][0])[i] = 0.f;
   __syncthreads();
 
   if (wg == 0) {
@@ -167,6 +166,9 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   TORCH_CHECK(wcodes_packed.dim() == 4, op, ": wcodes_packed must be 4-D [K_pad/128, N_pad/64, 64, 64]");
   TORCH_CHECK(lora_up.dim() == 2, op, ": lora_up must be 2-D [N, R]");
   const int64_t M = act_codes.size(0), K = act_codes.size(1);
+  // The grid's y dimension counts token tiles (at most 65535, of 128 tokens with the smaller tile).
+  TORCH_CHECK(ceil_div(M, Tile<3>::kTokens) <= 65535, op, ": M = ", num(M), " tokens is more than the ",
+              num(65535 * Tile<3>::kTokens), " one call can take; split the batch");
   const int64_t N = lora_up.size(0);
   TORCH_CHECK(N > 0 && N % 128 == 0, op, ": N = ", num(N), " (lora_up's rows) must be a positive multiple of 128");
   const int64_t n_pad = ceil_div(N, Tile<3>::kChannels) * Tile<3>::kChannels;

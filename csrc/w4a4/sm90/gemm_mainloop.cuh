@@ -75,10 +75,7 @@ __device__ __forceinline__ void producer_loop(typename T::Smem& sm, const CUtens
                     &sm.full[s]);
     ptx::bulk_g2s(sm.ascale[s][0], p.ascales + static_cast<int64_t>(g0) * p.m_pad + m0, T::kTokens * 4,
                   &sm.full[s]);
-    // An odd group count leaves the last stage's second group empty: its weights are zero
-    // padding and its activation codes are TMA zero fill; the ascale slot keeps zero (from
-    // kernel start) or an earlier scale of the same tokens, so the promotion adds exactly zero
-    // (or NaN for tokens whose scales are infinite, which are not finite anyway; a GPU test).
+    // An odd group count leaves the last stage's second group empty: the consumers skip it.
     if (g1_valid)
       ptx::bulk_g2s(sm.ascale[s][1], p.ascales + static_cast<int64_t>(g0 + 1) * p.m_pad + m0, T::kTokens * 4,
                     &sm.full[s]);
@@ -180,14 +177,18 @@ __device__ __forceinline__ void consumer_mainloop(typename T::Smem& sm, const Ma
   uint4 codes = load_packed_codes<T>(sm, 0, 0, frag_offset);
   for (int kt = 0; kt < p.KT; ++kt) {
     const int s = kt % T::kStages;
+    // An odd group count leaves the last stage's second group empty (zero padding): skipped, so
+    // its scale slot, which no copy fills, is never read.
+    const bool g1_valid = 2 * kt + 1 < p.G;
 #pragma unroll
     for (int g = 0; g < kBlockK / kGroup; ++g) {
+      if (g == 1 && !g1_valid) break;
       uint32_t a[8];
       unpack_a_fragments(codes, a);
       const float sw0 = widen_scale<kBf16>(sm.wscale[s][g][row]);
       const float sw1 = widen_scale<kBf16>(sm.wscale[s][g][row + 8]);
       issue_group<T>(b_desc0, s, g, a, part);
-      if (g == 0) {
+      if (g == 0 && g1_valid) {
         codes = load_packed_codes<T>(sm, s, 1, frag_offset);
       } else if (kt + 1 < p.KT) {
         const int s_next = (kt + 1) % T::kStages;
