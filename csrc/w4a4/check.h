@@ -23,6 +23,12 @@ namespace nunchaku {
 
 inline std::string num(int64_t v) { return std::to_string(v); }
 
+// act_scales [K/64, M_pad]: the token count is padded to a multiple of this, written by the
+// quantizer (zeros) and read by both GEMMs; a multiple of the sm_90 GEMM's two token tiles (128,
+// 192), whose producer bulk-copies the scales of whole tiles.
+constexpr int64_t kScaleRowPad = 384;
+inline int64_t scale_rows_padded(int64_t m) { return (m + kScaleRowPad - 1) / kScaleRowPad * kScaleRowPad; }
+
 inline std::string shape(c10::IntArrayRef a) {
   std::string s = "[";
   for (size_t i = 0; i < a.size(); ++i) {

@@ -43,6 +43,16 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return __fdividef(x, 1.0f + exp2f(exponent));
 }
 
+// lora_act's fp32 pair (x0, x1) as two packed 16-bit pairs, the nearest values and their
+// residuals, for the two MMAs of the low-rank up projection.
+template <bool kBf16>
+__device__ __forceinline__ void split_hi_lo(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  using H = Half2<kBf16>;
+  const float h0 = H::round_trip(x0), h1 = H::round_trip(x1);
+  hi = H::pack(h0, h1);
+  lo = H::pack(x0 - h0, x1 - h1);
+}
+
 // Epilogue operands read straight from global memory (the sm_80 kernel).
 struct GlobalEpilogueOperands {
   const EpilogueParams& p;
@@ -87,12 +97,7 @@ __device__ __forceinline__ void lowrank_bias_store(const EpilogueParams& p, cons
     uint32_t a_hi[4], a_lo[4];
     const float2* pairs[4] = {&la[0], &lb[0], &la[1], &lb[1]};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float x0 = pairs[i]->x, x1 = pairs[i]->y;
-      const float h0 = H::round_trip(x0), h1 = H::round_trip(x1);
-      a_hi[i] = H::pack(h0, h1);
-      a_lo[i] = H::pack(x0 - h0, x1 - h1);
-    }
+    for (int i = 0; i < 4; ++i) split_hi_lo<kBf16>(pairs[i]->x, pairs[i]->y, a_hi[i], a_lo[i]);
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
       const int n = n_base + 8 * j + lane / 4;

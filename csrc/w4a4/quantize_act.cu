@@ -50,9 +50,6 @@ constexpr int kGroup = 64;
 // padding, so that the 8 rows an ldmatrix phase (or a quarter-warp's 16-byte loads) touches
 // fall into distinct banks.
 constexpr int kXPitch = kGroup + 8;
-// A multiple of both token tiles of the sm_90 GEMM (128 and 192, sm90/config.cuh): it bulk-copies
-// the scales of whole tiles.
-constexpr int kScaleRowPad = 384;
 static_assert(kScaleRowPad % kRowsPerCta == 0, "CTAs must tile M_pad exactly");
 
 enum class CodeFormat { kE4m3Bytes, kInt4Nibbles };
@@ -382,7 +379,7 @@ void quantize_act(const char* op, const at::Tensor& x, const at::Tensor& smooth,
   const int64_t R = lora_down.size(1);
   TORCH_CHECK(R % 16 == 0 && R >= 16 && R <= kMaxRank, op, ": rank R = ", num(R),
               " must be a multiple of 16 in [16, ", num(kMaxRank), "]");
-  const int64_t m_pad = (M + kScaleRowPad - 1) / kScaleRowPad * kScaleRowPad;
+  const int64_t m_pad = scale_rows_padded(M);
   const int64_t code_cols = kNibbles ? K / 2 : K;
   TORCH_CHECK(act_codes.device() == x.device() && act_codes.scalar_type() == at::kByte &&
                   act_codes.is_contiguous() && act_codes.dim() == 2 && act_codes.size(0) == M &&
@@ -393,7 +390,7 @@ void quantize_act(const char* op, const at::Tensor& x, const at::Tensor& smooth,
                   act_scales.is_contiguous() && act_scales.dim() == 2 && act_scales.size(0) == K / 64 &&
                   act_scales.size(1) == m_pad,
               op, ": act_scales must be a contiguous float32 [K/64, M_pad] = [", num(K / 64), ", ", num(m_pad),
-              "] tensor on x's device (M_pad = M rounded up to 384)");
+              "] tensor on x's device (M_pad = M rounded up to ", num(kScaleRowPad), ")");
   TORCH_CHECK(lora_act.device() == x.device() && lora_act.scalar_type() == at::kFloat && lora_act.is_contiguous() &&
                   lora_act.dim() == 2 && lora_act.size(0) == M && lora_act.size(1) == R,
               op, ": lora_act must be a contiguous float32 [M, R] = [", num(M), ", ", num(R), "] tensor on x's device");

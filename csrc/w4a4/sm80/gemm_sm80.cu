@@ -28,8 +28,6 @@ constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = 32 * kWarpsM * kWarpsN;
 constexpr int kWarpM = kBlockM / kWarpsM, kWarpN = kBlockN / kWarpsN;
 constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;
 constexpr int kRowBytes = kGroup / 2;  // one row's codes of one group
-// Must match the quantizer's act_scales padding (quantize_act.cu kScaleRowPad).
-constexpr int kScaleRowPad = 384;
 
 struct SharedStorage {
   uint8_t act[kStages][kBlockM * kRowBytes];
@@ -179,7 +177,7 @@ void gemm_sm80(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   TORCH_CHECK(K > 0 && K % kGroup == 0, op, ": K = ", num(K), " must be a positive multiple of 64");
   TORCH_CHECK(N > 0 && N % kBlockN == 0, op, ": N = ", num(N), " must be a positive multiple of ", num(kBlockN));
   TORCH_CHECK(R % 16 == 0 && R >= 16, op, ": rank R = ", num(R), " must be a positive multiple of 16");
-  const int64_t m_pad = (M + kScaleRowPad - 1) / kScaleRowPad * kScaleRowPad;
+  const int64_t m_pad = scale_rows_padded(M);
   const auto dev = out.device();
   check_device_arch(op, dev, 80, 90, "an sm_80 or newer GPU (INT4 mma.sync)");
   check_operand(op, act_codes, "act_codes", dev, at::kByte, {M, K / 2});

@@ -67,11 +67,12 @@ __device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpiloguePar
           l0 = __ldg(reinterpret_cast<const float2*>(row));
           l1 = __ldg(reinterpret_cast<const float2*>(row + 8));
         }
-        const float h00 = H::round_trip(l0.x), h01 = H::round_trip(l0.y);
-        const float h10 = H::round_trip(l1.x), h11 = H::round_trip(l1.y);
+        uint32_t b_hi[2], b_lo[2];
+        split_hi_lo<kBf16>(l0.x, l0.y, b_hi[0], b_lo[0]);
+        split_hi_lo<kBf16>(l1.x, l1.y, b_hi[1], b_lo[1]);
         float c[4] = {acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]};
-        ptx::mma_m16n8k16<kBf16>(c, a, H::pack(h00, h01), H::pack(h10, h11));
-        ptx::mma_m16n8k16<kBf16>(c, a, H::pack(l0.x - h00, l0.y - h01), H::pack(l1.x - h10, l1.y - h11));
+        ptx::mma_m16n8k16<kBf16>(c, a, b_hi[0], b_hi[1]);
+        ptx::mma_m16n8k16<kBf16>(c, a, b_lo[0], b_lo[1]);
         acc[4 * j] = c[0];
         acc[4 * j + 1] = c[1];
         acc[4 * j + 2] = c[2];

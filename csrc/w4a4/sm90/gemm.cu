@@ -1,6 +1,7 @@
 // sm_90a W4A4 GEMM: y[M, N] = dequant(act_codes) . dequant(w)^T + lora_act . lora_up^T + bias.
 // Kernel = a producer warpgroup (one thread issues the copies) + 2 or 3 consumer warpgroups
-// (config.cuh, gemm_mainloop.cuh), fused epilogue (epilogue.cuh). The host side checks arguments, builds the TMA descriptor and launches.
+// (config.cuh, gemm_mainloop.cuh), fused epilogue (epilogue.cuh). The host side checks
+// arguments, picks the tile, builds the TMA descriptor and launches.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -133,6 +134,9 @@ void launch(const at::Tensor& act_codes, const MainloopParams& mp, const Epilogu
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+static_assert(kScaleRowPad % Tile<2>::kTokens == 0 && kScaleRowPad % Tile<3>::kTokens == 0,
+              "act_scales padding must cover whole token tiles of either tile");
+
 // The tile for this problem: 192 tokens x 128 channels (two consumer warpgroups; measured the
 // faster one per tile at M = 4608), unless 128 x 192 (three) needs fewer waves of CTAs over the
 // SMs (e.g. M = 1024, N = 3072: 144 tiles against 128 on 132 SMs); NUNCHAKU_SM90_GEMM_TILE =
@@ -179,14 +183,14 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
               num(K), " (expected ", num((K + kBlockK - 1) / kBlockK), ")");
   TORCH_CHECK(R % 16 == 0 && R >= 16 && R <= kMaxRank, op, ": rank R = ", num(R), " must be a multiple of 16 in [16, ",
               num(kMaxRank), "]");
-  // A multiple of both tiles' token counts (the quantizer pads to it: quantize_act.cu).
-  const int64_t m_pad = ceil_div(M, 384) * 384;
+  const int64_t m_pad = scale_rows_padded(M);
   const auto dev = out.device();
   check_device_arch(op, dev, 90, 90, "a Hopper GPU (sm_90)");
   check_sm90a_build(dev);
   check_operand(op, act_codes, "act_codes", dev, at::kByte, {M, K});
   check_operand(op, act_scales, "act_scales", dev, at::kFloat, {K / 64, m_pad});
-  check_operand(op, wcodes_packed, "wcodes_packed", dev, at::kByte, {KT, n_pad / kChannelBlock, kChannelBlock, kBlockK / 2});
+  check_operand(op, wcodes_packed, "wcodes_packed", dev, at::kByte,
+                {KT, n_pad / kChannelBlock, kChannelBlock, kBlockK / 2});
   check_operand(op, wscales_packed, "wscales_packed", dev, out.scalar_type(), {2 * KT, n_pad});
   check_operand(op, lora_act, "lora_act", dev, at::kFloat, {M, R});
   check_operand(op, lora_up, "lora_up", dev, out.scalar_type(), {N, R});
