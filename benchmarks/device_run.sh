@@ -66,6 +66,7 @@ timeout 90 python3 - <<'PY' 2>&1 | tee "$OUT/smoke.log"
 import torch
 from nunchaku.ops import sm90
 from nunchaku.ops.sm90_layout import pack_weights_sm90, reference_quantize_act_sm90, reference_gemm_sm90
+from nunchaku.ops.sm90_layout import reference_quantize_act_pow2_sm90
 torch.manual_seed(0)
 for (m, k, n) in [(128, 128, 128), (200, 192, 256), (4608, 3072, 3072)]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -86,6 +87,13 @@ for (m, k, n) in [(128, 128, 128), (200, 192, 256), (4608, 3072, 3072)]:
     err = ((y.double() - ref).norm() / ref.norm()).item()
     err_round = ((ref.bfloat16().double() - ref).norm() / ref.norm()).item()
     print(f"gemm m={m} k={k} n={n}: rel err {err:.3e} (bf16 rounding alone {err_round:.3e}), finite {torch.isfinite(y).all().item()}")
+    c2, s2, la2 = sm90.w4a4_quantize_act_pow2_sm90(x, smooth, ld)
+    torch.cuda.synchronize()
+    rc2, rs2, _ = reference_quantize_act_pow2_sm90(x, smooth, ld)
+    y2 = sm90.w4a4_gemm_sm90(rc2, rs2, wp, wsp, rl, lu, bias)
+    ref2 = reference_gemm_sm90(rc2, rs2, wp, wsp, rl, lu, bias, exact=True)
+    print(f"pow2 m={m} k={k} n={n}: code mismatches {(c2 != rc2).sum().item()}, scales equal {torch.equal(s2, rs2)}, "
+          f"gemm rel err {((y2.double() - ref2).norm() / ref2.norm()).item():.3e}")
 PY
 SMOKE_RC=$?
 if [ "$SMOKE_RC" -ne 0 ]; then echo "SMOKE FAILED rc=$SMOKE_RC"; exit 1; fi
@@ -126,9 +134,12 @@ done
 
 if [ "$RUN_TESTS" -eq 1 ]; then
   # The argument-check test runs in its own process: a crash there must not hide the others.
-  timeout 400 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/gpu -k "not rejects" 2>&1 | tee "$OUT/tests.log" | tail -25
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_w4a4_sm90.py tests/gpu/test_w4a4_sm80.py \
-    -k "rejects" 2>&1 | tee -a "$OUT/tests.log" | tail -3
+  # The pow2 tests first: a quick failure there shows before the long run.
+  timeout 150 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/gpu/test_w4a4_sm90_pow2.py -k "not rejects" \
+    2>&1 | tee "$OUT/tests_pow2.log" | tail -15
+  timeout 400 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/gpu -k "not rejects and not pow2" 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_w4a4_sm90.py tests/gpu/test_w4a4_sm90_pow2.py \
+    tests/gpu/test_w4a4_sm80.py -k "rejects" 2>&1 | tee -a "$OUT/tests.log" | tail -3
 fi
 
 if [ "$RUN_NCU" -eq 1 ]; then

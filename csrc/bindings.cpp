@@ -11,6 +11,9 @@ TORCH_LIBRARY(nunchaku, m) {
       "w4a4_quantize_act_sm90(Tensor x, Tensor smooth, Tensor lora_down, bool act_unsigned, "
       "Tensor(a!) act_codes, Tensor(b!) act_scales, Tensor(c!) lora_act) -> ()");
   m.def(
+      "w4a4_quantize_act_pow2_sm90(Tensor x, Tensor smooth, Tensor lora_down, "
+      "Tensor(a!) act_codes, Tensor(b!) act_scales, Tensor(c!) lora_act) -> ()");
+  m.def(
       "w4a4_gemm_sm90(Tensor act_codes, Tensor act_scales, Tensor wcodes_packed, Tensor wscales_packed, "
       "Tensor lora_act, Tensor lora_up, Tensor bias, int gelu_from, Tensor(a!) out) -> ()");
   m.def(
@@ -23,6 +26,7 @@ TORCH_LIBRARY(nunchaku, m) {
 
 TORCH_LIBRARY_IMPL(nunchaku, CUDA, m) {
   m.impl("w4a4_quantize_act_sm90", &nunchaku::w4a4::quantize_act_sm90);
+  m.impl("w4a4_quantize_act_pow2_sm90", &nunchaku::w4a4::quantize_act_pow2_sm90);
   m.impl("w4a4_gemm_sm90", &nunchaku::w4a4::gemm_sm90);
   m.impl("w4a4_quantize_act_sm80", &nunchaku::w4a4::quantize_act_sm80);
   m.impl("w4a4_gemm_sm80", &nunchaku::w4a4::gemm_sm80);

@@ -60,6 +60,7 @@ inline void check_gelu_from(const char* op, int64_t gelu_from, int64_t N) {
 struct DeviceInfo {
   int cc;   // compute capability, 10 * major + minor
   int sms;  // multiprocessor count
+  int max_smem_per_block;  // opt-in dynamic shared memory limit of one CTA, bytes
 };
 
 // Queried once per device: the ops consult it on every call.
@@ -69,11 +70,12 @@ inline DeviceInfo device_info(int device) {
   const std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(device);
   if (it != cache.end()) return it->second;
-  int major = 0, minor = 0, sms = 0;
+  int major = 0, minor = 0, sms = 0, smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return cache[device] = DeviceInfo{10 * major + minor, sms};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return cache[device] = DeviceInfo{10 * major + minor, sms, smem};
 }
 
 inline void check_device_arch(const char* op, const at::Device& dev, int min_cc, int max_cc, const char* needs) {
@@ -84,14 +86,18 @@ inline void check_device_arch(const char* op, const at::Device& dev, int min_cc,
 // Opts `kernel` into `bytes` of dynamic shared memory on the current device. The attribute is
 // per device, so a process-wide once-flag would leave a second GPU at the 48 KB default.
 inline void allow_dynamic_smem(const void* kernel, int bytes) {
+  // The attribute is a ceiling: raise it only (a launch needing less still fits), so that calls
+  // with different sizes (the pow2 quantizer's size depends on K) never lower it under a size
+  // an earlier call set and remembered.
   static std::mutex mutex;
-  static std::set<std::tuple<const void*, int, int>> done;
+  static std::map<std::pair<const void*, int>, int> ceiling;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const std::lock_guard<std::mutex> lock(mutex);
-  if (done.count({kernel, device, bytes})) return;
+  int& set = ceiling[{kernel, device}];
+  if (bytes <= set) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done.insert({kernel, device, bytes});
+  set = bytes;
 }
 
 }  // namespace nunchaku

@@ -9,6 +9,10 @@ namespace nunchaku::w4a4 {
 void quantize_act_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
                        bool act_unsigned, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act);
 
+// pow2 activation format (signed): e4m3 codes of q * 2^(e - t + 4), per-token scales 2^(t - 4) [M_pad].
+void quantize_act_pow2_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
+                            at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act);
+
 void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const at::Tensor& wcodes_packed,
                const at::Tensor& wscales_packed, const at::Tensor& lora_act, const at::Tensor& lora_up,
                const at::Tensor& bias, int64_t gelu_from, at::Tensor& out);

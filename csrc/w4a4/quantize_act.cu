@@ -4,7 +4,14 @@
 //       tensor cores; every code in [-8, 15] is exact in e4m3; uint8 rather than float8 so that
 //       generic tensor utilities, opcheck included, can handle the tensor),
 //       for the sm_80 GEMM (INT4 tensor cores) as nibbles, two per byte, uint8 [M, K/2],
-//   - writes the per-(group, token) fp32 scales,
+//     and writes the per-(group, token) fp32 scales;
+//   - or, in the pow2 format (for the sm_90 GEMM), to integers q in [-16, 16] with a power-of-two scale
+//     2^e per (token, group), the smallest with 16 * 2^e >= the group's max |v| (so the step is
+//     at most max/8, finer than the 4-bit format's max/7 in every group); stored as the e4m3
+//     bytes of q * 2^(e - t + 4), t = the token's largest e, with 2^(t - 4) as the token's one
+//     scale: the GEMM then promotes with the weight scale alone. Until t is known (the token's groups are
+//     spread over a cluster) the codes go out as int8 q and the exponents stay in shared memory;
+//     after the cluster has agreed on t, each thread rewrites its own codes.
 //   - and computes the rank-R down projection x @ lora_down from the same shared-memory copy of
 //     x (tensor cores, mma.sync m16n8k16), so the low-rank branch costs no second read of x.
 //
@@ -52,7 +59,26 @@ constexpr int kGroup = 64;
 constexpr int kXPitch = kGroup + 8;
 static_assert(kScaleRowPad % kRowsPerCta == 0, "CTAs must tile M_pad exactly");
 
-enum class CodeFormat { kE4m3Bytes, kInt4Nibbles };
+enum class CodeFormat { kE4m3Bytes, kInt4Nibbles, kE4m3Pow2 };
+
+// pow2 format: the exponent floor (groups with max |v| below 2^-96 get 2^-100: zero for any
+// activation that matters, and it keeps every 2^-e a normal float).
+constexpr int kPow2MinExp = -100;
+constexpr float kPow2QMax = 16.f;
+// Codes are q * 2^(e - t + kPow2CodeShift): the largest, 16 * 2^4 = 256, fits e4m3 (max 448), and
+// groups down to 2^-13 of the token's largest stay exact.
+constexpr int kPow2CodeShift = 4;
+
+// The smallest e >= kPow2MinExp with 16 * 2^e >= amax (amax >= 0): ceil(log2(amax)) - 4, read off
+// the float's bits (exact, no log).
+__device__ __forceinline__ int pow2_group_exponent(float amax) {
+  const uint32_t bits = __float_as_uint(amax);
+  const int ceil_log2 = static_cast<int>(bits >> 23) - 127 + ((bits & 0x7FFFFFu) != 0 ? 1 : 0);
+  return max(kPow2MinExp, ceil_log2 - 4);
+}
+
+// 2^e as a float, for e in [-126, 127].
+__device__ __forceinline__ float exp2_int(int e) { return __int_as_float((127 + e) << 23); }
 
 // a / b correctly rounded, given rb = RN(1/b): one Newton correction of a * rb (Markstein), the
 // same result as IEEE division for normal operands at a third of its instruction count. Both
@@ -76,6 +102,7 @@ struct QuantSmem {
   // the quantization: 9% of the kernel's stall samples).
   alignas(16) uint16_t smooth[kStages][kGroup];
   float lora_half[kRowsPerCta][kRank];  // partial sums of the second k half, then of the CTA
+  int token_exp[kRowsPerCta];           // pow2 format: this CTA's largest group exponent per row
 };
 
 template <int kRank>
@@ -104,6 +131,47 @@ __device__ __forceinline__ void load_group(QuantSmem<kRank>& sm, int slot, int g
   }
 }
 
+// pow2 format, once the token exponent t of this thread's row is known: rewrites the thread's own
+// provisional int8 codes (16 per group, written by this same thread) as the e4m3 bytes of
+// q * 2^(e - t + 4), and the first CTA of the row block writes the token scale 2^(t - 4) (0 on
+// rows past M). The codes are exact in e4m3 down to e - t = -13; below, the conversion rounds
+// (those groups' maxima are under 2^-13 of the token's largest group).
+__device__ __forceinline__ void pow2_finish(uint8_t* __restrict__ codes, float* __restrict__ scales,
+                                            const int8_t* group_exp, int K, int M, int m0, int g_begin,
+                                            int g_count, int groups_per_split, int row_exp) {
+  const int t = threadIdx.x, q_row = t / 4, quarter = t % 4;
+  const int64_t row = m0 + q_row;
+  // kBatch groups' loads are issued before any of their stores: one at a time, every group
+  // waited a full round trip to L2.
+  constexpr int kBatch = 8;
+  if (row < M) {
+    uint4* base = reinterpret_cast<uint4*>(codes + row * K + g_begin * kGroup + quarter * 16);
+    for (int i0 = 0; i0 < g_count; i0 += kBatch) {
+      uint4 in[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (i0 + b < g_count) in[b] = base[(i0 + b) * (kGroup / 16)];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        if (i0 + b >= g_count) break;
+        const int d = group_exp[q_row * groups_per_split + i0 + b] - row_exp + kPow2CodeShift;  // <= 4
+        const float factor = d >= -126 ? exp2_int(d) : 0.f;
+        const uint32_t words[4] = {in[b].x, in[b].y, in[b].z, in[b].w};
+        uint32_t out[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float f[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) f[k] = static_cast<float>(static_cast<int8_t>(words[j] >> (8 * k))) * factor;
+          out[j] = ptx::f32x2_to_e4m3x2(f[0], f[1]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(f[2], f[3])) << 16);
+        }
+        base[(i0 + b) * (kGroup / 16)] = make_uint4(out[0], out[1], out[2], out[3]);
+      }
+    }
+  }
+  if (blockIdx.y == 0 && quarter == 0) scales[row] = row < M ? exp2_int(row_exp - kPow2CodeShift) : 0.f;
+}
+
 template <CodeFormat kFormat, bool kBf16, bool kUnsigned, int kRank16>
 __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     const uint16_t* __restrict__ x, int64_t x_ld, const uint16_t* __restrict__ smooth,
@@ -112,8 +180,10 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
   using H = Half2<kBf16>;
   constexpr int kRank = kRank16 * 16;
   constexpr int kNTiles = kRank / 8;
-  constexpr float kQMax = kUnsigned ? 15.f : 7.f;
-  constexpr float kQMin = kUnsigned ? 0.f : -8.f;
+  constexpr bool kPow2 = kFormat == CodeFormat::kE4m3Pow2;
+  static_assert(!(kPow2 && kUnsigned), "the pow2 format is signed only");
+  constexpr float kQMax = kPow2 ? kPow2QMax : kUnsigned ? 15.f : 7.f;
+  constexpr float kQMin = kPow2 ? -kPow2QMax : kUnsigned ? 0.f : -8.f;
   constexpr int kStages = QuantSmem<kRank>::kStages;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   auto& sm = *reinterpret_cast<QuantSmem<kRank>*>(smem_raw);
@@ -128,6 +198,10 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
   const int q_row = t / 4, quarter = t % 4;
   const bool row_ok = m0 + q_row < M;
   const int mb = warp % 2, kh = warp / 2;
+  // pow2 format: the group exponents of this CTA's rows ([kRowsPerCta][groups_per_split], after
+  // the fixed part of shared memory) and this row's largest.
+  int8_t* group_exp = reinterpret_cast<int8_t*>(smem_raw + sizeof(QuantSmem<kRank>));
+  int row_exp = kPow2MinExp;
 
   float lacc[kNTiles][4];
 #pragma unroll
@@ -141,14 +215,14 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     ptx::cp_async_commit();
   }
 
-  for (int i = 0; i < g_count; ++i) {
-    const int g = g_begin + i;
+  for (int gi = 0; gi < g_count; ++gi) {
+    const int g = g_begin + gi;
     ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // group g landed for all; the slot of group g-1 is free to refill
-    if (i + kStages - 1 < g_count)
-      load_group(sm, (i + kStages - 1) % kStages, g + kStages - 1, x, x_ld, smooth, lora_down, m0, M);
+    if (gi + kStages - 1 < g_count)
+      load_group(sm, (gi + kStages - 1) % kStages, g + kStages - 1, x, x_ld, smooth, lora_down, m0, M);
     ptx::cp_async_commit();
-    const int slot = i % kStages;
+    const int slot = gi % kStages;
 
     // ---- quantization: 16 channels of one row per thread
     uint32_t xw[8], sw[8];
@@ -177,15 +251,35 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     // The 4 lanes of a quad hold the 64 channels of one row.
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    float scale = __fdiv_rn(amax, kQMax);
-    if (scale == 0.f) scale = 1.f;
-    const float rscale = __frcp_rn(scale);
     float q[16];
+    float scale = 1.f;
+    if constexpr (kPow2) {
+      const int e = pow2_group_exponent(amax);
+      const float inv = exp2_int(-e);  // exact scaling: q = rint(v / 2^e)
 #pragma unroll
-    for (int i = 0; i < 16; ++i) q[i] = fminf(fmaxf(rintf(div_rn(v[i], scale, rscale)), kQMin), kQMax);
+      for (int j = 0; j < 16; ++j) q[j] = fminf(fmaxf(rintf(v[j] * inv), kQMin), kQMax);
+      row_exp = max(row_exp, e);
+      if (quarter == 0) group_exp[q_row * groups_per_split + gi] = static_cast<int8_t>(e);
+    } else {
+      scale = __fdiv_rn(amax, kQMax);
+      if (scale == 0.f) scale = 1.f;
+      const float rscale = __frcp_rn(scale);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) q[j] = fminf(fmaxf(rintf(div_rn(v[j], scale, rscale)), kQMin), kQMax);
+    }
     const int64_t row = m0 + q_row;
     if (row_ok) {
-      if constexpr (kFormat == CodeFormat::kE4m3Bytes) {
+      if constexpr (kPow2) {
+        // Provisional: the int8 codes, rewritten as e4m3 once the token's exponent is known.
+        uint32_t w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          w[j] = (static_cast<uint32_t>(static_cast<int>(q[4 * j]) & 0xFF)) |
+                 (static_cast<uint32_t>(static_cast<int>(q[4 * j + 1]) & 0xFF) << 8) |
+                 (static_cast<uint32_t>(static_cast<int>(q[4 * j + 2]) & 0xFF) << 16) |
+                 (static_cast<uint32_t>(static_cast<int>(q[4 * j + 3]) & 0xFF) << 24);
+        *reinterpret_cast<uint4*>(codes + row * K + g * kGroup + quarter * 16) = make_uint4(w[0], w[1], w[2], w[3]);
+      } else if constexpr (kFormat == CodeFormat::kE4m3Bytes) {
         uint4 out;
         out.x = ptx::f32x2_to_e4m3x2(q[0], q[1]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[2], q[3])) << 16);
         out.y = ptx::f32x2_to_e4m3x2(q[4], q[5]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[6], q[7])) << 16);
@@ -205,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
       }
     }
     // Rows in [M, m_pad) get scale 0: the GEMMs multiply their (zero) codes by it.
-    if (quarter == 0) scales[static_cast<int64_t>(g) * m_pad + row] = row_ok ? scale : 0.f;
+    if (!kPow2 && quarter == 0) scales[static_cast<int64_t>(g) * m_pad + row] = row_ok ? scale : 0.f;
 
     // ---- low-rank down projection on the raw x: A fragments by ldmatrix from the x tile, B
     // fragments by ldmatrix.trans from the lora_down slice (stored [k][r]).
@@ -242,6 +336,7 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
       part[16 * mb + r_a + 8][8 * nt + c0 + 1] = lacc[nt][3];
     }
   }
+  if (kPow2 && quarter == 0) sm.token_exp[q_row] = row_exp;
   __syncthreads();
   if (kh == 0) {
 #pragma unroll
@@ -258,6 +353,7 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
       const int row = m0 + e / kRank;
       if (row < M) lora_act[static_cast<int64_t>(row) * kRank + e % kRank] = part[e / kRank][e % kRank];
     }
+    if constexpr (kPow2) pow2_finish(codes, scales, group_exp, K, M, m0, g_begin, g_count, groups_per_split, row_exp);
     return;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -265,13 +361,17 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
   // own 1/S of the elements, read from every CTA's shared memory (the same order as one CTA
   // adding them all, so the same bits; one CTA doing it all kept the others waiting at the
   // second sync: 14% of the kernel's stall samples); the second sync keeps every CTA resident
-  // until its peers are done reading it.
+  // until its peers are done reading it. The pow2 format's token exponent is the largest of the
+  // CTAs' row maxima, read in the same window.
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
   {
-    constexpr int kElems = kRowsPerCta * kRank;
     const int ranks = static_cast<int>(cluster.num_blocks());
+    if constexpr (kPow2) {
+      for (int r = 0; r < ranks; ++r) row_exp = max(row_exp, cluster.map_shared_rank(&sm.token_exp[0], r)[q_row]);
+    }
+    constexpr int kElems = kRowsPerCta * kRank;
     const int per_rank = (kElems + ranks - 1) / ranks;
     const int e_end = min(kElems, (static_cast<int>(cluster.block_rank()) + 1) * per_rank);
     for (int e = static_cast<int>(cluster.block_rank()) * per_rank + t; e < e_end; e += kThreads) {
@@ -282,6 +382,7 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     }
   }
   cluster.sync();
+  if constexpr (kPow2) pow2_finish(codes, scales, group_exp, K, M, m0, g_begin, g_count, groups_per_split, row_exp);
 #else
   __trap();  // K splits need clusters (sm_90); the host launches them only there
 #endif
@@ -308,6 +409,9 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Te
   const int M = x.size(0), K = x.size(1), R = lora_down.size(1);
   const DeviceInfo info = device_info(x.device().index());
   const int splits = k_splits(m_pad / kRowsPerCta, K / kGroup, info.cc >= 90, info.sms);
+  // The pow2 format keeps its CTA's group exponents in shared memory, one byte per (row, group).
+  const int groups_per_split = (K / kGroup + splits - 1) / splits;
+  const int exp_bytes = kFormat == CodeFormat::kE4m3Pow2 ? (kRowsPerCta * groups_per_split + 15) / 16 * 16 : 0;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(m_pad / kRowsPerCta, splits);
   config.blockDim = dim3(kThreads);
@@ -327,7 +431,10 @@ void launch_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Te
   auto* lap = lora_act.data_ptr<float>();
 #define NUNCHAKU_QUANT_CASE(R16)                                                                            \
   case R16: {                                                                                               \
-    constexpr int smem = sizeof(QuantSmem<R16 * 16>);                                                       \
+    const int smem = sizeof(QuantSmem<R16 * 16>) + exp_bytes;                                                \
+    TORCH_CHECK(smem <= info.max_smem_per_block, "w4a4_quantize_act_pow2_sm90: K = ", num(K), " at rank ",     \
+                num(R), " needs ", num(smem), " bytes of shared memory per CTA (one byte per row and group), more " \
+                "than the GPU's ", num(info.max_smem_per_block));                                            \
     allow_dynamic_smem(reinterpret_cast<const void*>(quantize_act_kernel<kFormat, kBf16, kUnsigned, R16>),  \
                        smem);                                                                               \
     config.dynamicSmemBytes = smem;                                                                         \
@@ -356,6 +463,8 @@ template <CodeFormat kFormat>
 void quantize_act(const char* op, const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
                   bool act_unsigned, at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act) {
   constexpr bool kNibbles = kFormat == CodeFormat::kInt4Nibbles;
+  constexpr bool kPow2 = kFormat == CodeFormat::kE4m3Pow2;
+  TORCH_CHECK(!(kPow2 && act_unsigned), op, ": the pow2 format is signed only");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", num(x.dim()), "-D");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
               ": x must be bfloat16 or float16, got ", x.scalar_type());
@@ -386,11 +495,18 @@ void quantize_act(const char* op, const at::Tensor& x, const at::Tensor& smooth,
                   act_codes.size(1) == code_cols,
               op, ": act_codes must be a contiguous uint8 [M, ", kNibbles ? "K/2" : "K", "] = [", num(M), ", ",
               num(code_cols), "] tensor (", kNibbles ? "int4 nibble pairs" : "e4m3 bytes", ") on x's device");
-  TORCH_CHECK(act_scales.device() == x.device() && act_scales.scalar_type() == at::kFloat &&
-                  act_scales.is_contiguous() && act_scales.dim() == 2 && act_scales.size(0) == K / 64 &&
-                  act_scales.size(1) == m_pad,
-              op, ": act_scales must be a contiguous float32 [K/64, M_pad] = [", num(K / 64), ", ", num(m_pad),
-              "] tensor on x's device (M_pad = M rounded up to ", num(kScaleRowPad), ")");
+  if constexpr (kPow2) {
+    TORCH_CHECK(act_scales.device() == x.device() && act_scales.scalar_type() == at::kFloat &&
+                    act_scales.is_contiguous() && act_scales.dim() == 1 && act_scales.size(0) == m_pad,
+                op, ": act_scales must be a contiguous float32 [M_pad] = [", num(m_pad),
+                "] tensor (one scale per token) on x's device (M_pad = M rounded up to ", num(kScaleRowPad), ")");
+  } else {
+    TORCH_CHECK(act_scales.device() == x.device() && act_scales.scalar_type() == at::kFloat &&
+                    act_scales.is_contiguous() && act_scales.dim() == 2 && act_scales.size(0) == K / 64 &&
+                    act_scales.size(1) == m_pad,
+                op, ": act_scales must be a contiguous float32 [K/64, M_pad] = [", num(K / 64), ", ", num(m_pad),
+                "] tensor on x's device (M_pad = M rounded up to ", num(kScaleRowPad), ")");
+  }
   TORCH_CHECK(lora_act.device() == x.device() && lora_act.scalar_type() == at::kFloat && lora_act.is_contiguous() &&
                   lora_act.dim() == 2 && lora_act.size(0) == M && lora_act.size(1) == R,
               op, ": lora_act must be a contiguous float32 [M, R] = [", num(M), ", ", num(R), "] tensor on x's device");
@@ -400,7 +516,10 @@ void quantize_act(const char* op, const at::Tensor& x, const at::Tensor& smooth,
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  if (bf16) {
+  if constexpr (kPow2) {
+    bf16 ? launch_quantize<kFormat, true, false>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream)
+         : launch_quantize<kFormat, false, false>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream);
+  } else if (bf16) {
     act_unsigned ? launch_quantize<kFormat, true, true>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream)
                  : launch_quantize<kFormat, true, false>(x, smooth, lora_down, act_codes, act_scales, lora_act, m_pad, stream);
   } else {
@@ -418,6 +537,14 @@ void quantize_act_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::
   // e4m3 conversion instructions exist from sm_89 on; the codes feed the sm_90 GEMM.
   check_device_arch(op, x.device(), 89, 90, "an sm_89 or sm_90 GPU (fp8 conversion)");
   quantize_act<CodeFormat::kE4m3Bytes>(op, x, smooth, lora_down, act_unsigned, act_codes, act_scales, lora_act);
+}
+
+void quantize_act_pow2_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
+                            at::Tensor& act_codes, at::Tensor& act_scales, at::Tensor& lora_act) {
+  constexpr const char* op = "w4a4_quantize_act_pow2_sm90";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  check_device_arch(op, x.device(), 90, 90, "a Hopper GPU (sm_90; its codes feed the sm_90 GEMM)");
+  quantize_act<CodeFormat::kE4m3Pow2>(op, x, smooth, lora_down, false, act_codes, act_scales, lora_act);
 }
 
 void quantize_act_sm80(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,

@@ -131,6 +131,9 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
       bias            [N]
     act_unsigned: the input is post-GELU; it is shifted by GELU_SHIFT and quantized to 0..15
     (the bias holds the compensation).
+    sm90_activations: the activation format of the Hopper kernels (nunchaku.ops.Sm90Activations;
+    taken from NUNCHAKU_SM90_ACTIVATIONS when the module is created, and may be set directly);
+    unsigned layers always run INT4.
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         self.register_buffer("lora_up", torch.zeros(out_features, rank, dtype=dtype, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         self.weight_layout = WeightLayout.NIBBLES
+        self.sm90_activations = ops.requested_sm90_activations()
         self._init_adapters()
 
     def _apply(self, fn, *args, **kwargs):
@@ -269,15 +273,17 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         if self.weight_layout is not WeightLayout.NIBBLES:
             from ..ops import sm80, sm90
 
-            kernel_linear = {WeightLayout.SM90: sm90.w4a4_linear_sm90,
-                             WeightLayout.SM80: sm80.w4a4_linear_sm80}[self.weight_layout]
             # The epilogue's GELU works in the compute dtype; for an input in another dtype it is
             # applied after the cast, in x's dtype, as the reference path does.
             in_epilogue = x.dtype == self.compute_dtype
-            y = kernel_linear(
-                x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
-                self.act_unsigned, gelu_from if in_epilogue else None,
-            ).to(x.dtype)
+            args = (x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
+                    self.act_unsigned, gelu_from if in_epilogue else None)
+            if self.weight_layout is WeightLayout.SM90:
+                pow2 = self.sm90_activations is ops.Sm90Activations.POW2 and not self.act_unsigned
+                y = sm90.w4a4_linear_sm90(*args, pow2_activations=pow2)
+            else:
+                y = sm80.w4a4_linear_sm80(*args)
+            y = y.to(x.dtype)
             if not in_epilogue:
                 y = ops.reference.gelu_columns(y, gelu_from)
         else:
@@ -288,8 +294,9 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
+        extra = f", sm90_activations={self.sm90_activations.value}" if self.weight_layout is WeightLayout.SM90 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"group_size={self.group_size}, act_unsigned={self.act_unsigned}")
+                f"group_size={self.group_size}, act_unsigned={self.act_unsigned}{extra}")
 
 
 class AWQW4A16Linear(LowRankAdapters, nn.Module):

@@ -9,7 +9,8 @@ nunchaku.nn.linear); both paths are tested against the reference.
 
 NUNCHAKU_BACKEND selects: "auto" (default: the CUDA kernels where built and supported, the
 reference elsewhere), "reference" (always the reference), "cuda" (the kernels, or an error
-naming what is missing). NUNCHAKU_W4A4_KERNELS picks the W4A4 kernel family (W4A4Kernels).
+naming what is missing). NUNCHAKU_W4A4_KERNELS picks the W4A4 kernel family (W4A4Kernels),
+NUNCHAKU_SM90_ACTIVATIONS the Hopper kernels' activation format (Sm90Activations).
 """
 
 from __future__ import annotations
@@ -56,6 +57,35 @@ def requested_w4a4_kernels() -> W4A4Kernels | None:
     except ValueError:
         raise ValueError(
             f"NUNCHAKU_W4A4_KERNELS={value!r} is not one of {['auto'] + [k.value for k in W4A4Kernels]}"
+        ) from None
+
+
+class Sm90Activations(str, enum.Enum):
+    """How the Hopper kernels quantize a W4A4 layer's (signed) activations.
+
+    INT4: the method's 4-bit codes with an fp32 scale per (token, 64-channel group): the
+    reference path's numerics, on every GPU (default).
+    POW2: integers in [-16, 16] with a power-of-two scale per (token, group), chosen so that the
+    step is at most max/8 (INT4's is max/7): at least as accurate as INT4 in every group (down
+    to groups 2^-13 below the token's largest), but ~5-bit, not 4-bit, activations. On sm_90
+    both run on the same fp8 tensor cores; POW2 lets the GEMM fold the group scales into the
+    codes (one FFMA per element and group instead of two, and no per-(token, group) scale loads;
+    one scale per token is applied in the epilogue).
+    Post-GELU (unsigned) inputs keep INT4 in either case.
+    """
+
+    INT4 = "int4"
+    POW2 = "pow2"
+
+
+def requested_sm90_activations() -> Sm90Activations:
+    """NUNCHAKU_SM90_ACTIVATIONS: "int4" (default) or "pow2" (see Sm90Activations)."""
+    value = os.environ.get("NUNCHAKU_SM90_ACTIVATIONS", "int4").strip().lower()
+    try:
+        return Sm90Activations(value)
+    except ValueError:
+        raise ValueError(
+            f"NUNCHAKU_SM90_ACTIVATIONS={value!r} is not one of {[a.value for a in Sm90Activations]}"
         ) from None
 
 

@@ -21,6 +21,19 @@ Kernel-side tensors
                     have no float8 kernels.
 ``act_scales``      float32 [G, M_pad], group-major (a token tile of one group is contiguous:
                     one bulk copy). Columns ``M..M_pad-1`` hold 0.
+
+The pow2 activation format (``w4a4_quantize_act_pow2_sm90``; signed inputs only) replaces the
+two tensors above: each (token, group) is quantized to integers ``q`` in [-16, 16] with the scale
+``2^e``, ``e`` the smallest integer (>= -100) with ``16 * 2^e >= max|v|``, so the step is at most
+``max|v| / 8`` where the 4-bit format's is ``max|v| / 7``. With ``t`` the token's largest ``e``:
+
+``act_codes``       uint8 [M, K]: the e4m3 bytes of ``q * 2^(e - t + 4)`` (at most 256; exact down to
+                    ``e - t = -13``, rounded to nearest even below, i.e. in groups whose maximum is
+                    under 2^-13 of the token's largest, with an error under 2^-17 of it).
+``act_scales``      float32 [M_pad]: ``2^(t - 4)`` per token, 0 on rows ``M..M_pad-1``. The GEMM
+                    takes a 1-D act_scales as this format.
+A token with an infinite or NaN activation has undefined codes in this format (the op and the
+reference differ there), as its output is non-finite in either format.
 ``lora_act``        float32 [M, R], row-major: ``x @ lora_down`` (raw x, no smoothing/shift).
 ``wcodes_packed``   uint8 [KT, N_pad/64, 64, 64]: for K tile ``kt`` and 64-channel block ``b``
                     one 4 KB block, in the order the GEMM's threads read their wgmma A fragments
@@ -161,6 +174,61 @@ def reference_quantize_act_sm90(
     return codes, scales, lora_act
 
 
+POW2_QMAX = 16
+POW2_MIN_EXP = -100
+# Codes are stored as q * 2^(e - t + 4): the largest, 16 * 2^4 = 256, still fits e4m3 (max 448),
+# and every group down to 2^-13 of the token's largest stays exact.
+POW2_CODE_SHIFT = 4
+
+
+def pow2_group_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """The pow2 format's exponent of a group with maximum ``amax`` (float32, >= 0): the smallest
+    integer ``e >= -100`` with ``16 * 2^e >= amax``, i.e. ``ceil(log2(amax)) - 4`` (int32)."""
+    mantissa, exponent = torch.frexp(amax)  # amax = mantissa * 2^exponent, mantissa in [0.5, 1)
+    ceil_log2 = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    e = torch.where(amax == 0, torch.full_like(exponent, POW2_MIN_EXP), ceil_log2 - 4)
+    return e.clamp(min=POW2_MIN_EXP).to(torch.int32)
+
+
+def exp2_int(e: torch.Tensor) -> torch.Tensor:
+    """2^e (float32, exact) for integer e, built from the exponent bits; 0 where e < -126."""
+    e = e.to(torch.int32)
+    bits = ((e.clamp(-126, 127) + 127) << 23).view(torch.float32)
+    return torch.where(e < -126, torch.zeros_like(bits), bits)
+
+
+def reference_quantize_act_pow2_sm90(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``nunchaku::w4a4_quantize_act_pow2_sm90`` (the pow2 format, see the module
+    docstring): ``(act_codes uint8 [M, K], act_scales float32 [M_pad], lora_act float32 [M, R])``,
+    bit for bit what the op computes (lora_act in float64, rounded to fp32)."""
+    m, k = x.shape
+    g = k // GROUP
+    v = (x.to(torch.float32) / smooth.to(torch.float32)).view(m, g, GROUP)
+    e = pow2_group_exponent(v.abs().amax(dim=-1))
+    q = torch.round(v * exp2_int(-e)[..., None]).clamp(-POW2_QMAX, POW2_QMAX)
+    q = torch.where(q == 0, torch.zeros_like(q), q)  # +0 for -0: the op's codes pass through int8
+    t = e.amax(dim=-1)
+    shift = POW2_CODE_SHIFT
+    codes = (q * exp2_int(e - t[:, None] + shift)[..., None]).view(m, k).to(torch.float8_e4m3fn).view(torch.uint8)
+    scales = torch.zeros(scale_rows_padded(m), dtype=torch.float32, device=x.device)
+    scales[:m] = exp2_int(t - shift)
+    lora_act = (x.to(torch.float64) @ lora_down.to(torch.float64)).to(torch.float32)
+    return codes, scales, lora_act
+
+
+def dequantize_act_sm90(act_codes: torch.Tensor, act_scales: torch.Tensor) -> torch.Tensor:
+    """The activations [M, K] (float64) the codes stand for, in either format: act_scales
+    [G, M_pad] per (group, token), or [M_pad] per token (pow2)."""
+    m, k = act_codes.shape
+    q = act_codes.view(torch.float8_e4m3fn).to(torch.float64)
+    if act_scales.dim() == 1:
+        return q * act_scales[:m].to(torch.float64)[:, None]
+    g = k // GROUP
+    return (q.view(m, g, GROUP) * act_scales[:, :m].t().to(torch.float64)[..., None]).view(m, k)
+
+
 def reference_gemm_sm90(
     act_codes: torch.Tensor,
     act_scales: torch.Tensor,
@@ -174,13 +242,12 @@ def reference_gemm_sm90(
     """Reference of ``nunchaku::w4a4_gemm_sm90``, computed in float64.
 
     ``y[m, n] = sum_g ascale[g, m] * wscale[g, n] * sum_{k in g} qa[m, k] * qw[n, k]
-    + lora_act[m] . lora_up[n] + bias[n]``; returned rounded once to lora_up's dtype, or in
-    float64 when ``exact``.
+    + lora_act[m] . lora_up[n] + bias[n]`` (with a 1-D act_scales, the pow2 format, ascale[m] for
+    every group); returned rounded once to lora_up's dtype, or in float64 when ``exact``.
     """
     m, k = act_codes.shape
     g = k // GROUP
-    qa = act_codes.view(torch.float8_e4m3fn).to(torch.float64).view(m, g, GROUP)
-    a = (qa * act_scales[:, :m].t().to(torch.float64)[..., None]).view(m, k)
+    a = dequantize_act_sm90(act_codes, act_scales)
     n = lora_up.shape[0]
     qw = unpack_weights_sm90(wcodes_packed, n, k).to(torch.float64)
     w = (qw.view(n, g, GROUP) * wscales_packed[:g, :n].t().to(torch.float64)[..., None]).view(n, k)

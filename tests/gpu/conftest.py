@@ -33,3 +33,15 @@ def needs_sm80_kernels():
         pytest.skip(SM80_REASON)
     if not _extension_built():
         pytest.skip(SM80_REASON)
+
+
+# The sm_90 GEMM's two tiles, tokens x channels (the op picks one per call; NUNCHAKU_SM90_GEMM_TILE
+# forces it).
+SM90_GEMM_TILES = {"192x128": (192, 128), "128x192": (128, 192)}
+
+
+@pytest.fixture(params=list(SM90_GEMM_TILES))
+def gemm_tile(request, monkeypatch):
+    """Runs the test once with each sm_90 GEMM tile forced; yields (tokens, channels) of the tile."""
+    monkeypatch.setenv("NUNCHAKU_SM90_GEMM_TILE", request.param)
+    return SM90_GEMM_TILES[request.param]

@@ -1,6 +1,8 @@
 // Epilogue of the sm_90 W4A4 GEMM, on the transposed tile the mainloop leaves: each consumer
 // warp holds 16 channels x kTokens tokens as kTokens / 8 mma.sync m16n8 C fragments (rows =
 // channels).
+//   0. with token-scaled activations (the pow2 format), acc *= the token's scale (a power of
+//      two: exact);
 //   1. + lora_act . lora_up^T by mma.sync m16n8k16 straight into the accumulators (A = lora_up's
 //      16 x 16 slices, B = lora_act, fp32 split into a 16-bit high part and a residual: two
 //      MMAs, ~16 significant bits with bf16, 22 with fp16; with three consumers staged in
@@ -15,9 +17,9 @@
 
 namespace nunchaku::w4a4::sm90 {
 
-template <class T, bool kBf16>
-__device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpilogueParams& p, int m0, int n0, int wg,
-                                         float (&acc)[T::kAccRegs]) {
+template <class T, bool kBf16, bool kTokenScales>
+__device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpilogueParams& p, const float* token_scales,
+                                         int m0, int n0, int wg, float (&acc)[T::kAccRegs]) {
   using H = Half2<kBf16>;
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32;
@@ -28,6 +30,17 @@ __device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpiloguePar
   // The last channel tile may reach past N (the weights are zero-padded to whole tiles): those
   // warpgroups skip the operands they would read out of bounds and store nothing.
   const bool channels_valid = n0 + wg * 64 < p.N;
+  if constexpr (kTokenScales) {
+    // token_scales is padded to M_pad (zeros), a multiple of the token tile: no bounds check.
+#pragma unroll
+    for (int j = 0; j < T::kTokens / 8; ++j) {
+      const float2 ts = __ldg(reinterpret_cast<const float2*>(token_scales + m0 + 8 * j + kq));
+      acc[4 * j] *= ts.x;
+      acc[4 * j + 1] *= ts.y;
+      acc[4 * j + 2] *= ts.x;
+      acc[4 * j + 3] *= ts.y;
+    }
+  }
   // With three consumers (128 tokens) the warpgroup first copies 32 ranks of its tokens' lora_act
   // rows at a time into its columns of the output staging tile (16-byte loads, all in flight at
   // once) and its warps read their B fragments from there; with two (192 tokens) each warp loads

@@ -1,4 +1,5 @@
-// sm_90a W4A4 GEMM: y[M, N] = dequant(act_codes) . dequant(w)^T + lora_act . lora_up^T + bias.
+// sm_90a W4A4 GEMM: y[M, N] = dequant(act_codes) . dequant(w)^T + lora_act . lora_up^T + bias, the
+// activations scaled per (group, token) (int4 codes) or per token (pow2 codes).
 // Kernel = a producer warpgroup (one thread issues the copies) + 2 or 3 consumer warpgroups
 // (config.cuh, gemm_mainloop.cuh), fused epilogue (epilogue.cuh). The host side checks
 // arguments, picks the tile, builds the TMA descriptor and launches.
@@ -26,7 +27,7 @@
 namespace nunchaku::w4a4::sm90 {
 namespace {
 
-template <class T, bool kBf16>
+template <class T, bool kBf16, bool kTokenScales>
 __global__ void __launch_bounds__(T::kThreads, 1)
     w4a4_gemm_kernel(const __grid_constant__ CUtensorMap act_map, const MainloopParams mp, const EpilogueParams ep) {
   // wgmma, setmaxnreg and TMA exist only on sm_90a; the library also carries the Ampere/Ada
@@ -56,12 +57,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
   if (wg == 0) {
     ptx::setmaxnreg_dec<T::kProducerRegs>();
-    if (threadIdx.x == 0) producer_loop<T>(sm, &act_map, mp, m0, n0);
+    if (threadIdx.x == 0) producer_loop<T, kTokenScales>(sm, &act_map, mp, m0, n0);
   } else {
     ptx::setmaxnreg_inc<T::kConsumerRegs>();
     float acc[T::kAccRegs];
-    consumer_mainloop<T, kBf16>(sm, mp, wg - 1, acc);
-    epilogue<T, kBf16>(sm, ep, m0, n0, wg - 1, acc);
+    consumer_mainloop<T, kBf16, kTokenScales>(sm, mp, wg - 1, acc);
+    epilogue<T, kBf16, kTokenScales>(sm, ep, mp.ascales, m0, n0, wg - 1, acc);
   }
 #else
   __trap();  // unreachable: gemm_sm90 checks for an sm_90a build first (check_sm90a_build)
@@ -123,13 +124,24 @@ CUtensorMap make_act_map(const at::Tensor& act_codes, int tokens) {
   return map;
 }
 
-template <class T, bool kBf16>
+template <class T, bool kBf16, bool kTokenScales>
 void launch(const at::Tensor& act_codes, const MainloopParams& mp, const EpilogueParams& ep, cudaStream_t stream) {
   const CUtensorMap map = make_act_map(act_codes, T::kTokens);
-  allow_dynamic_smem(reinterpret_cast<const void*>(w4a4_gemm_kernel<T, kBf16>), T::kSmemBytes);
+  const auto kernel = w4a4_gemm_kernel<T, kBf16, kTokenScales>;
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), T::kSmemBytes);
   const dim3 grid((ep.N + T::kChannels - 1) / T::kChannels, (ep.M + T::kTokens - 1) / T::kTokens);
-  w4a4_gemm_kernel<T, kBf16><<<grid, T::kThreads, T::kSmemBytes, stream>>>(map, mp, ep);
+  kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(map, mp, ep);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class T>
+void launch_for_dtype(bool bf16, bool token_scales, const at::Tensor& act_codes, const MainloopParams& mp,
+                      const EpilogueParams& ep, cudaStream_t stream) {
+  if (token_scales) {
+    bf16 ? launch<T, true, true>(act_codes, mp, ep, stream) : launch<T, false, true>(act_codes, mp, ep, stream);
+  } else {
+    bf16 ? launch<T, true, false>(act_codes, mp, ep, stream) : launch<T, false, false>(act_codes, mp, ep, stream);
+  }
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -188,7 +200,14 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
   check_device_arch(op, dev, 90, 90, "a Hopper GPU (sm_90)");
   check_sm90a_build(dev);
   check_operand(op, act_codes, "act_codes", dev, at::kByte, {M, K});
-  check_operand(op, act_scales, "act_scales", dev, at::kFloat, {K / 64, m_pad});
+  // Group-scaled activations (int4 codes) come with [K/64, M_pad] scales, token-scaled ones (pow2
+  // format: the group's power of two is in the codes) with [M_pad].
+  const bool token_scales = act_scales.dim() == 1;
+  if (token_scales)
+    check_operand(op, act_scales, "act_scales (per token)", dev, at::kFloat, {m_pad});
+  else
+    check_operand(op, act_scales, "act_scales (per group and token; 1-D [M_pad] for pow2 codes)", dev, at::kFloat,
+                  {K / 64, m_pad});
   check_operand(op, wcodes_packed, "wcodes_packed", dev, at::kByte,
                 {KT, n_pad / kChannelBlock, kChannelBlock, kBlockK / 2});
   check_operand(op, wscales_packed, "wscales_packed", dev, out.scalar_type(), {2 * KT, n_pad});
@@ -211,9 +230,9 @@ void gemm_sm90(const at::Tensor& act_codes, const at::Tensor& act_scales, const 
                           static_cast<int>(gelu_from)};
   const bool bf16 = out.scalar_type() == at::kBFloat16;
   if (consumer_warpgroups_for(M, N, device_info(dev.index()).sms) == 2)
-    bf16 ? launch<Tile<2>, true>(act_codes, mp, ep, stream) : launch<Tile<2>, false>(act_codes, mp, ep, stream);
+    launch_for_dtype<Tile<2>>(bf16, token_scales, act_codes, mp, ep, stream);
   else
-    bf16 ? launch<Tile<3>, true>(act_codes, mp, ep, stream) : launch<Tile<3>, false>(act_codes, mp, ep, stream);
+    launch_for_dtype<Tile<3>>(bf16, token_scales, act_codes, mp, ep, stream);
 }
 
 }  // namespace nunchaku::w4a4

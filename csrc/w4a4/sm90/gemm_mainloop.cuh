@@ -3,12 +3,15 @@
 // Per K stage (128 channels = 2 quantization groups):
 //   producer: one thread issues the stage's copies onto its `full` barrier: the fp8 activation
 //             tile by TMA (128-byte swizzle), the packed int4 weight blocks of the CTA's channels
-//             (contiguous in global memory), the 16-bit weight scales and the fp32 activation
-//             scales of both groups by bulk copies.
+//             (contiguous in global memory), the 16-bit weight scales and (group-scaled
+//             activations only) the fp32 activation scales of both groups by bulk copies.
 //   consumer: per group, each thread converts its 32 weight codes (16 bytes) to the two e4m3 A
 //             fragments of the group's two wgmma m64nNk32, issues them into a fresh partial
 //             accumulator, loads the next group's codes while they run, then promotes:
-//             acc += partial * (wscale[n] * ascale[m]) in fp32.
+//             acc += partial * (wscale[n] * ascale[m]) in fp32, or, with token-scaled
+//             activations (the pow2 format: each group's power of two is inside the e4m3 codes,
+//             one scale per token is left for the epilogue), acc += partial * wscale[n]: one
+//             FFMA per element and no activation-scale loads.
 // Unpacking in the consumers takes the weight conversion off the path between the copies and
 // the MMAs: when a producer warpgroup unpacked into shared memory, its per-stage latency was
 // what the consumers waited on (KERNEL_NOTES.md, sessions 4-6).
@@ -29,7 +32,7 @@ namespace nunchaku::w4a4::sm90 {
 struct MainloopParams {
   const uint8_t* w_packed;  // [KT, N_pad/64, 64, 64] uint8, see nunchaku/ops/sm90_layout.py
   const uint16_t* wscales;  // [2*KT, N_pad] in the output dtype, bf16 or fp16 (zero rows past K/64)
-  const float* ascales;     // [G, M_pad] fp32
+  const float* ascales;     // [G, M_pad] fp32 per (group, token), or [M_pad] per token (kTokenScales)
   int n_pad, G, KT, m_pad;
 };
 
@@ -55,7 +58,7 @@ __device__ __forceinline__ uint2 int4x8_to_e4m3x8(uint32_t w) {
 
 // One thread (the producer warpgroup's thread 0) issues every copy; nothing else is on the
 // path from a free stage to a full one.
-template <class T>
+template <class T, bool kTokenScales>
 __device__ __forceinline__ void producer_loop(typename T::Smem& sm, const CUtensorMap* act_map,
                                               const MainloopParams& p, int m0, int n0) {
   const int64_t kt_bytes = static_cast<int64_t>(p.n_pad / kChannelBlock) * kChannelBlockBytes;
@@ -66,13 +69,14 @@ __device__ __forceinline__ void producer_loop(typename T::Smem& sm, const CUtens
     const int g0 = 2 * kt;
     const bool g1_valid = g0 + 1 < p.G;
     const uint32_t bytes = T::kActTileBytes + T::kWPackedTileBytes + 2 * T::kWScaleRowBytes +
-                           (1 + (g1_valid ? 1 : 0)) * T::kTokens * 4;
+                           (kTokenScales ? 0 : (1 + (g1_valid ? 1 : 0)) * T::kTokens * 4);
     ptx::mbar_arrive_expect_tx(&sm.full[s], bytes);
     ptx::tma_load_2d(sm.act[s], act_map, kt * kBlockK, m0, &sm.full[s]);
     ptx::bulk_g2s(sm.w_packed[s], w_src + kt * kt_bytes, T::kWPackedTileBytes, &sm.full[s]);
     for (int g = 0; g < 2; ++g)
       ptx::bulk_g2s(sm.wscale[s][g], p.wscales + static_cast<int64_t>(g0 + g) * p.n_pad + n0, T::kWScaleRowBytes,
                     &sm.full[s]);
+    if constexpr (kTokenScales) continue;
     ptx::bulk_g2s(sm.ascale[s][0], p.ascales + static_cast<int64_t>(g0) * p.m_pad + m0, T::kTokens * 4,
                   &sm.full[s]);
     // An odd group count leaves the last stage's second group empty: the consumers skip it.
@@ -121,9 +125,10 @@ __device__ __forceinline__ void issue_group(uint64_t b_desc0, int s, int g, cons
   ptx::wgmma_commit();
 }
 
-// acc += part * (ascale[m] * wscale[n]) for group g of stage s; this thread's channels are rows
-// r and r + 8 of the accumulator (scales sw0, sw1), its tokens 8j + col and 8j + col + 1.
-template <class T>
+// acc += part * (ascale[m] * wscale[n]) for group g of stage s, or acc += part * wscale[n] with
+// token scales (applied once, in the epilogue); this thread's channels are rows r and r + 8 of the
+// accumulator (scales sw0, sw1), its tokens 8j + col and 8j + col + 1.
+template <class T, bool kTokenScales>
 __device__ __forceinline__ void promote(const typename T::Smem& sm, int s, int g, int col, float sw0, float sw1,
                                         const float (&part)[T::kAccRegs], float (&acc)[T::kAccRegs]) {
 #ifdef NUNCHAKU_ABLATE_PROMOTE
@@ -133,11 +138,18 @@ __device__ __forceinline__ void promote(const typename T::Smem& sm, int s, int g
 #endif
 #pragma unroll
   for (int j = 0; j < T::kTokens / 8; ++j) {
-    const float2 sa = *reinterpret_cast<const float2*>(&sm.ascale[s][g][8 * j + col]);
-    acc[4 * j + 0] = fmaf(part[4 * j + 0], sa.x * sw0, acc[4 * j + 0]);
-    acc[4 * j + 1] = fmaf(part[4 * j + 1], sa.y * sw0, acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(part[4 * j + 2], sa.x * sw1, acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(part[4 * j + 3], sa.y * sw1, acc[4 * j + 3]);
+    if constexpr (kTokenScales) {
+      acc[4 * j + 0] = fmaf(part[4 * j + 0], sw0, acc[4 * j + 0]);
+      acc[4 * j + 1] = fmaf(part[4 * j + 1], sw0, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(part[4 * j + 2], sw1, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(part[4 * j + 3], sw1, acc[4 * j + 3]);
+    } else {
+      const float2 sa = *reinterpret_cast<const float2*>(&sm.ascale[s][g][8 * j + col]);
+      acc[4 * j + 0] = fmaf(part[4 * j + 0], sa.x * sw0, acc[4 * j + 0]);
+      acc[4 * j + 1] = fmaf(part[4 * j + 1], sa.y * sw0, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(part[4 * j + 2], sa.x * sw1, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(part[4 * j + 3], sa.y * sw1, acc[4 * j + 3]);
+    }
   }
 }
 
@@ -152,7 +164,7 @@ __device__ __forceinline__ float widen_scale(uint16_t h) {
 
 // acc: this consumer's 64 channels x kTokens tokens in the wgmma accumulator layout (rows are
 // channels).
-template <class T, bool kBf16>
+template <class T, bool kBf16, bool kTokenScales>
 __device__ __forceinline__ void consumer_mainloop(typename T::Smem& sm, const MainloopParams& p, int wg,
                                                   float (&acc)[T::kAccRegs]) {
   const int tid = threadIdx.x % 128;
@@ -197,7 +209,7 @@ __device__ __forceinline__ void consumer_mainloop(typename T::Smem& sm, const Ma
       }
       ptx::wgmma_wait<0>();
       ptx::fence_operands(part);
-      promote<T>(sm, s, g, col, sw0, sw1, part, acc);
+      promote<T, kTokenScales>(sm, s, g, col, sw0, sw1, part, acc);
     }
     __syncwarp();
     if (lane == 0) ptx::mbar_arrive(&sm.empty[s]);
