@@ -15,6 +15,9 @@ embedding). Variants, all in one process and one run:
                 (nunchaku.offload.BlockOffloader); "weights" is then what stays on the GPU
   int4-graph    the int4 step replayed as a CUDA graph (nunchaku.cuda_graph.CUDAGraphForward):
                 the same kernels without the CPU's launch overhead; bf16-graph the same for bf16
+  int4-pow2     the same quantized model with the Hopper kernels' pow2 activation format
+                (nunchaku.ops.Sm90Activations.POW2, the signed layers; its own error figures);
+                int4-pow2-graph as a CUDA graph
 Reported per variant and batch: median step time (CUDA-synchronized, after warm-up), weight
 memory (the transformer's parameters and buffers) and peak memory of a step; for int4 also the
 quantization time and peak memory, and the relative error ||y_q - y|| / ||y|| of every block's
@@ -43,7 +46,8 @@ SMALL = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, at
              axes_dims_rope=(8, 12, 12))
 TOKENS = {"flux": (4096, 512), "small": (64, 16)}  # (image, text)
 VARIANTS = ("bf16", "bf16-compile", "bf16-graph", "fp8", "fp8-compile", "int4", "int4-compile", "int4-offload",
-            "int4-graph")
+            "int4-graph", "int4-pow2", "int4-pow2-graph")
+INT4_VARIANTS = {"int4", "int4-compile", "int4-offload", "int4-graph", "int4-pow2", "int4-pow2-graph"}
 GIB = 2**30
 
 
@@ -238,6 +242,15 @@ def quantize_int4(model, calib_inputs: list[dict], args) -> dict:
             "layers": len(plan.w4a4) + len(plan.w4a16)}
 
 
+def set_sm90_activations(model, activations) -> None:
+    """Every W4A4 layer of the model to this Hopper activation format (nunchaku.ops.Sm90Activations)."""
+    from nunchaku.nn.linear import SVDQW4A4Linear
+
+    for module in model.modules():
+        if isinstance(module, SVDQW4A4Linear):
+            module.sm90_activations = activations
+
+
 def apply_fp8(model):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -314,7 +327,7 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
 
     wanted = set(args.variants)
-    need_bf16 = wanted & {"bf16", "bf16-compile", "bf16-graph", "int4", "int4-compile", "int4-offload", "int4-graph"}
+    need_bf16 = wanted & ({"bf16", "bf16-compile", "bf16-graph"} | INT4_VARIANTS)
     if need_bf16:
         model = build_bf16(args.seed, config, args.device)
         if "bf16" in wanted:
@@ -327,16 +340,19 @@ def main(argv=None) -> int:
         if "bf16-compile" in wanted:
             compiled(model, "bf16-compile", fullgraph=True)
             torch._dynamo.reset()
-        if wanted & {"int4", "int4-compile", "int4-offload", "int4-graph"}:
+        if wanted & INT4_VARIANTS:
             b0 = args.batch[0]
             reference_blocks, reference_out = block_outputs(model, inputs[b0])
             calib = [step_inputs(1, 1000 + i, config, tokens, args.device) for i in range(args.calib_inputs)]
             report["int4"].update(quantize_int4(model, calib, args))
             del calib
             blocks, out = block_outputs(model, inputs[b0])
-            report["int4"]["block_rel_err"] = [round(rel(q, r), 5) for q, r in zip(blocks, reference_blocks)]
+            report["int4"]["block_rel_err"] = [round(rel(q, r), 5)
+                                               for q, r in zip(blocks, reference_blocks, strict=True)]
             report["int4"]["output_rel_err"] = round(rel(out, reference_out), 5)
-            del blocks, out, reference_blocks, reference_out
+            del blocks, out
+            if not wanted & {"int4-pow2", "int4-pow2-graph"}:
+                del reference_blocks, reference_out
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             print({k: v for k, v in report["int4"].items() if k != "block_rel_err"}, flush=True)
@@ -349,6 +365,21 @@ def main(argv=None) -> int:
                 save()
             if "int4-graph" in wanted:
                 graphed(model, "int4-graph")
+            if wanted & {"int4-pow2", "int4-pow2-graph"}:
+                from nunchaku.ops import Sm90Activations
+
+                set_sm90_activations(model, Sm90Activations.POW2)
+                blocks, out = block_outputs(model, inputs[b0])
+                report["int4"]["pow2_block_rel_err"] = [round(rel(q, r), 5)
+                                                        for q, r in zip(blocks, reference_blocks, strict=True)]
+                report["int4"]["pow2_output_rel_err"] = round(rel(out, reference_out), 5)
+                print({"pow2_output_rel_err": report["int4"]["pow2_output_rel_err"]}, flush=True)
+                del blocks, out
+                if "int4-pow2" in wanted:
+                    record("int4-pow2", model)
+                if "int4-pow2-graph" in wanted:
+                    graphed(model, "int4-pow2-graph")
+                set_sm90_activations(model, Sm90Activations.INT4)
             if "int4-offload" in wanted:
                 from nunchaku.offload import BlockOffloader
 
@@ -394,6 +425,10 @@ def format_table(report: dict) -> str:
                      f"(peak {q['quantize_peak_gib']} GiB); "
                      f"output rel. err {q['output_rel_err']}; per block min/median/max "
                      f"{min(errs):.4f}/{statistics.median(errs):.4f}/{max(errs):.4f}")
+        if "pow2_output_rel_err" in q:
+            errs = q["pow2_block_rel_err"]
+            lines.append(f"int4-pow2 (same weights): output rel. err {q['pow2_output_rel_err']}; per block "
+                         f"min/median/max {min(errs):.4f}/{statistics.median(errs):.4f}/{max(errs):.4f}")
     return "\n".join(lines)
 
 

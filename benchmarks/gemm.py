@@ -6,6 +6,8 @@ For each M and FLUX (K, N): median µs (triton.testing.do_bench, CUDA events) of
   gemm      nunchaku w4a4_gemm_sm90 alone (codes + scales given)
   quant     nunchaku w4a4_quantize_act_sm90 alone
   fused     quantize + GEMM + rank-32 branch: the whole W4A4 layer
+  pow2      the same three with the pow2 activation format (nunchaku.ops.Sm90Activations.POW2):
+            gemm_pow2, quant_pow2, fused_pow2
 Inputs rotate among several copies so that no operand of a timed call sits in L2 from the
 previous call. TOPS = 2*M*N*K / t. Prints a markdown table last.
 Usage: python benchmarks/gemm.py [--quick] [--json PATH]
@@ -105,13 +107,31 @@ def run_shape(m: int, k: int, n: int) -> dict:
         L = layers[i]
         return sm90.w4a4_linear_sm90(xs[i], L["smooth"], L["lora_down"], L["wp"], L["wsp"], L["lora_up"], L["bias"])
 
+    def quant_pow2(i):
+        return sm90.w4a4_quantize_act_pow2_sm90(xs[i], layers[i]["smooth"], layers[i]["lora_down"])
+
+    acts_pow2 = [quant_pow2(i) for i in range(nw)]
+
+    def gemm_pow2(i):
+        L = layers[i]
+        c, s, la = acts_pow2[i]
+        return sm90.w4a4_gemm_sm90(c, s, L["wp"], L["wsp"], la, L["lora_up"], L["bias"])
+
+    def fused_pow2(i):
+        L = layers[i]
+        return sm90.w4a4_linear_sm90(xs[i], L["smooth"], L["lora_down"], L["wp"], L["wsp"], L["lora_up"], L["bias"],
+                                     pow2_activations=True)
+
     res["gemm_us"] = bench(gemm, nw)
     res["quant_us"] = bench(quant, nw)
     res["fused_us"] = bench(fused, nw)
-    for key in ("bf16", "fp8", "gemm", "fused"):
+    res["gemm_pow2_us"] = bench(gemm_pow2, nw)
+    res["quant_pow2_us"] = bench(quant_pow2, nw)
+    res["fused_pow2_us"] = bench(fused_pow2, nw)
+    for key in ("bf16", "fp8", "gemm", "fused", "gemm_pow2", "fused_pow2"):
         res[f"{key}_tops"] = flops / (res[f"{key}_us"] * 1e-6) / 1e12
-    res["fused_vs_bf16"] = res["bf16_us"] / res["fused_us"]
-    res["gemm_vs_bf16"] = res["bf16_us"] / res["gemm_us"]
+    for key in ("fused", "gemm", "fused_pow2", "gemm_pow2"):
+        res[f"{key}_vs_bf16"] = res["bf16_us"] / res[f"{key}_us"]
     return res
 
 
@@ -128,22 +148,27 @@ def random_layer(m: int, k: int, n: int):
     return x, smooth, lora_down, lora_up, bias, wp, wsp
 
 
-def gemm_only(m: int, k: int, n: int) -> float:
+def quantize_for(pow2: bool):
+    return sm90.w4a4_quantize_act_pow2_sm90 if pow2 else sm90.w4a4_quantize_act_sm90
+
+
+def gemm_only(m: int, k: int, n: int, pow2: bool = False) -> float:
     x, smooth, lora_down, lora_up, bias, wp, wsp = random_layer(m, k, n)
-    c, s, la = sm90.w4a4_quantize_act_sm90(x, smooth, lora_down)
+    c, s, la = quantize_for(pow2)(x, smooth, lora_down)
     return bench(lambda i: sm90.w4a4_gemm_sm90(c, s, wp, wsp, la, lora_up, bias), 1)
 
 
-def check_gemm(m: int, k: int, n: int) -> str:
+def check_gemm(m: int, k: int, n: int, pow2: bool = False) -> str:
     """Our GEMM against the float64 reference: relative error and that of rounding alone."""
     x, smooth, lora_down, lora_up, bias, wp, wsp = random_layer(m, k, n)
-    c, s, la = sm90.w4a4_quantize_act_sm90(x, smooth, lora_down)
+    c, s, la = quantize_for(pow2)(x, smooth, lora_down)
     y = sm90.w4a4_gemm_sm90(c, s, wp, wsp, la, lora_up, bias)
     ref = reference_gemm_sm90(c, s, wp, wsp, la, lora_up, bias, exact=True)
     err = ((y.double() - ref).norm() / ref.norm()).item()
     rounding = ((ref.to(y.dtype).double() - ref).norm() / ref.norm()).item()
     verdict = "ok" if err <= 1.1 * rounding + 1e-6 else "WRONG"
-    return f"check M={m} K={k} N={n}: rel err {err:.3e} (rounding alone {rounding:.3e}) {verdict}"
+    label = "check pow2" if pow2 else "check"
+    return f"{label} M={m} K={k} N={n}: rel err {err:.3e} (rounding alone {rounding:.3e}) {verdict}"
 
 
 def profile_once(m: int, k: int, n: int) -> None:
@@ -161,6 +186,8 @@ def main() -> int:
                     help="time only our GEMM (for ablation builds, whose results are wrong, and A/B builds)")
     ap.add_argument("--ms", type=int, nargs="+", default=[4608], help="token counts M for --gemm-only")
     ap.add_argument("--check", action="store_true", help="with --gemm-only: first compare against the reference")
+    ap.add_argument("--pow2", action="store_true",
+                    help="with --gemm-only: also time the pow2 activation format")
     ap.add_argument("--profile", type=int, nargs=3, metavar=("M", "K", "N"), default=None,
                     help="run quantize + GEMM of one shape a few times (for ncu) and exit")
     args = ap.parse_args()
@@ -171,13 +198,17 @@ def main() -> int:
         profile_once(*args.profile)
         return 0
     if args.gemm_only:
+        formats = [False, True] if args.pow2 else [False]
         if args.check:
-            for m, k, n in [(1000, 3072, 3072), (257, 320, 384), (4608, 12288, 3072)]:
-                print(check_gemm(m, k, n), flush=True)
+            for pow2 in formats:
+                for m, k, n in [(1000, 3072, 3072), (257, 320, 384), (4608, 12288, 3072)]:
+                    print(check_gemm(m, k, n, pow2), flush=True)
         for m in args.ms:
             for k, n in KNS:
-                us = gemm_only(m, k, n)
-                print(f"gemm-only M={m} K={k} N={n}: {us:.1f} us, {2 * m * n * k / us / 1e6:.0f} TOPS", flush=True)
+                for pow2 in formats:
+                    us = gemm_only(m, k, n, pow2)
+                    print(f"gemm-only{' pow2' if pow2 else ''} M={m} K={k} N={n}: {us:.1f} us, "
+                          f"{2 * m * n * k / us / 1e6:.0f} TOPS", flush=True)
         return 0
     print(torch.cuda.get_device_name(), torch.__version__)
     rows = []
@@ -197,6 +228,18 @@ def main() -> int:
             f"| {r['M']} | {r['K']} | {r['N']} | {r['bf16_us']:.1f} | {r['fp8_us']:.1f} | {r['gemm_us']:.1f} | "
             f"{r['quant_us']:.1f} | {r['fused_us']:.1f} | {r['bf16_tops']:.0f} | {r['fp8_tops']:.0f} | "
             f"{r['gemm_tops']:.0f} | {r['fused_tops']:.0f} | {r['fused_vs_bf16']:.2f}x | {r['gemm_vs_bf16']:.2f}x |"
+        )
+    print()
+    print("pow2 activation format (same run):")
+    print("| M | K | N | bf16 µs | gemm µs | quant µs | fused µs | gemm TOPS | fused TOPS | fused/bf16 | gemm/bf16 "
+          "| fused vs int4 fused |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['M']} | {r['K']} | {r['N']} | {r['bf16_us']:.1f} | {r['gemm_pow2_us']:.1f} | "
+            f"{r['quant_pow2_us']:.1f} | {r['fused_pow2_us']:.1f} | {r['gemm_pow2_tops']:.0f} | "
+            f"{r['fused_pow2_tops']:.0f} | {r['fused_pow2_vs_bf16']:.2f}x | {r['gemm_pow2_vs_bf16']:.2f}x | "
+            f"{r['fused_us'] / r['fused_pow2_us']:.2f}x |"
         )
     return 0
 

@@ -10,6 +10,8 @@ the FLUX VAE), word-level tokenizers (token ids do not change the cost), 512 T5 
   int4-qenc   the same with the W4A16 T5 encoder (nunchaku.models.text_encoders)
   int4-qenc-graph  the same with the transformer's forward replayed as a CUDA graph
               (nunchaku.cuda_graph.CUDAGraphForward: no CPU launch overhead in the steps)
+  int4-pow2-qenc-graph  int4-qenc-graph with the Hopper kernels' pow2 activation format
+              (nunchaku.ops.Sm90Activations.POW2)
 Reported: median end-to-end latency over --repeats calls after --warmup, peak GPU memory of a
 call, and the weight memory of the transformer and the T5 encoder.
 """
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flux_step import (  # noqa: E402
     FLUX_12B, GIB, SMALL, _peak_gib, _reset_peak, _sync, build_bf16, on_device_bf16, quantize_int4,
-    step_inputs, weight_bytes,
+    set_sm90_activations, step_inputs, weight_bytes,
 )
 
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -45,7 +47,7 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
 WORDS = ("a", "cat", "holding", "sign", "that", "says", "hello", "world", "red", "circle", "in", "the", "park",
          "at", "night", "photo", "of", "mountain", "lake", "sunset")
 PROMPT = "a photo of a cat holding a sign that says hello world in the park at night"
-VARIANTS = ("bf16", "int4", "int4-qenc", "int4-qenc-graph")
+VARIANTS = ("bf16", "int4", "int4-qenc", "int4-qenc-graph", "int4-pow2-qenc-graph")
 # --small: a smoke check of the script itself (CPU too), not a measurement
 SMALL_T5 = {**T5_XXL, "vocab_size": 64, "d_model": 128, "d_kv": 32, "d_ff": 128, "num_layers": 2, "num_heads": 4}
 SMALL_CLIP = {**CLIP_L, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     wanted = set(args.variants)
     if "bf16" in wanted:
         record("bf16")
-    if wanted & {"int4", "int4-qenc", "int4-qenc-graph"}:
+    if wanted & {"int4", "int4-qenc", "int4-qenc-graph", "int4-pow2-qenc-graph"}:
         tokens = (args.size // 16) ** 2, 512
         calib = [step_inputs(1, 1000 + i, dict(pipe.transformer.config), tokens, args.device)
                  for i in range(args.calib_inputs)]
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         if "int4" in wanted:
             record("int4", {"quantize_s": quant["quantize_s"]})
-        if wanted & {"int4-qenc", "int4-qenc-graph"}:
+        if wanted & {"int4-qenc", "int4-qenc-graph", "int4-pow2-qenc-graph"}:
             from nunchaku.models.text_encoders import quantize_t5_encoder
 
             start = time.perf_counter()
@@ -152,14 +154,21 @@ def main(argv=None) -> int:
             t5_quantize_s = round(time.perf_counter() - start, 1)
             if "int4-qenc" in wanted:
                 record("int4-qenc", {"t5_quantize_s": t5_quantize_s})
-            if "int4-qenc-graph" in wanted and not args.device.startswith("cuda"):
-                print("int4-qenc-graph: CUDA graphs need a CUDA device; skipped", flush=True)
-            elif "int4-qenc-graph" in wanted:
+            for variant in ("int4-qenc-graph", "int4-pow2-qenc-graph"):
+                if variant not in wanted:
+                    continue
+                if not args.device.startswith("cuda"):
+                    print(f"{variant}: CUDA graphs need a CUDA device; skipped", flush=True)
+                    continue
                 from nunchaku.cuda_graph import CUDAGraphForward
+                from nunchaku.ops import Sm90Activations
 
+                pow2 = variant == "int4-pow2-qenc-graph"
+                set_sm90_activations(pipe.transformer, Sm90Activations.POW2 if pow2 else Sm90Activations.INT4)
                 pipe.transformer.forward = CUDAGraphForward(pipe.transformer)
-                record("int4-qenc-graph", graph_pools=True)
+                record(variant, graph_pools=True)
                 del pipe.transformer.forward
+                set_sm90_activations(pipe.transformer, Sm90Activations.INT4)
     base = next((r["latency_s"] for r in report["rows"] if r["variant"] == "bf16"), None)
     print(f"{report['device']}, {args.steps} steps, {args.size}x{args.size}, kernels: {report['kernels']}")
     print("| variant | end to end s | vs bf16 | peak GiB | transformer GiB | T5 GiB |")

@@ -80,13 +80,16 @@ def plot_gemm(data: list[dict], out: Path) -> Path:
     series = {"FP8 rowwise": [r["bf16_us"] / r["fp8_us"] for r in rows],
               "W4A4 GEMM": [r["bf16_us"] / r["gemm_us"] for r in rows],
               "W4A4 fused layer": [r["bf16_us"] / r["fused_us"] for r in rows]}
+    if all("fused_pow2_us" in r for r in rows):
+        series["pow2 activations: GEMM"] = [r["bf16_us"] / r["gemm_pow2_us"] for r in rows]
+        series["pow2 activations: fused layer"] = [r["bf16_us"] / r["fused_pow2_us"] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 3.4))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(rows))], values, width, label=name)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.axhline(1.5, color="#b33", lw=0.8, ls="--", label="target 1.5x")
-    ax.set_xticks([x + width for x in range(len(rows))], labels)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(rows))], labels)
     ax.set_ylabel("speed vs cuBLAS BF16")
     ax.set_title(f"GEMM on FLUX shapes (K x N), M = {rows[0]['M']} tokens")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
