@@ -242,15 +242,6 @@ def quantize_int4(model, calib_inputs: list[dict], args) -> dict:
             "layers": len(plan.w4a4) + len(plan.w4a16)}
 
 
-def set_sm90_activations(model, activations) -> None:
-    """Every W4A4 layer of the model to this Hopper activation format (nunchaku.ops.Sm90Activations)."""
-    from nunchaku.nn.linear import SVDQW4A4Linear
-
-    for module in model.modules():
-        if isinstance(module, SVDQW4A4Linear):
-            module.sm90_activations = activations
-
-
 def apply_fp8(model):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -366,6 +357,7 @@ def main(argv=None) -> int:
             if "int4-graph" in wanted:
                 graphed(model, "int4-graph")
             if wanted & {"int4-pow2", "int4-pow2-graph"}:
+                from nunchaku.nn import set_sm90_activations
                 from nunchaku.ops import Sm90Activations
 
                 set_sm90_activations(model, Sm90Activations.POW2)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flux_step import (  # noqa: E402
     FLUX_12B, GIB, SMALL, _peak_gib, _reset_peak, _sync, build_bf16, on_device_bf16, quantize_int4,
-    set_sm90_activations, step_inputs, weight_bytes,
+    step_inputs, weight_bytes,
 )
 
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
                     print(f"{variant}: CUDA graphs need a CUDA device; skipped", flush=True)
                     continue
                 from nunchaku.cuda_graph import CUDAGraphForward
+                from nunchaku.nn import set_sm90_activations
                 from nunchaku.ops import Sm90Activations
 
                 pow2 = variant == "int4-pow2-qenc-graph"

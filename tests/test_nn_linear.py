@@ -133,3 +133,20 @@ def test_weight_layouts_round_trip_and_follow_the_device(monkeypatch):
     monkeypatch.setenv("NUNCHAKU_BACKEND", "fast")
     with pytest.raises(ValueError, match="NUNCHAKU_BACKEND='fast' is not one of"):
         layer.to("cpu")
+
+
+def test_set_sm90_activations_sets_every_w4a4_layer(monkeypatch):
+    from nunchaku.nn import set_sm90_activations
+    from nunchaku.ops import Sm90Activations
+
+    monkeypatch.delenv("NUNCHAKU_SM90_ACTIVATIONS", raising=False)
+    model = torch.nn.Sequential(SVDQW4A4Linear(128, 128), torch.nn.GELU(), SVDQW4A4Linear(128, 256, act_unsigned=True))
+    assert all(m.sm90_activations is Sm90Activations.INT4 for m in (model[0], model[2]))
+    assert set_sm90_activations(model, "pow2") == 2
+    assert model[0].sm90_activations is Sm90Activations.POW2 and model[2].sm90_activations is Sm90Activations.POW2
+    model.to(torch.float32)  # a move keeps the setting
+    assert model[0].sm90_activations is Sm90Activations.POW2
+    with pytest.raises(ValueError, match="'int5' is not a valid Sm90Activations"):
+        set_sm90_activations(model, "int5")
+    monkeypatch.setenv("NUNCHAKU_SM90_ACTIVATIONS", "pow2")
+    assert SVDQW4A4Linear(128, 128).sm90_activations is Sm90Activations.POW2

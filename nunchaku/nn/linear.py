@@ -299,6 +299,19 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
                 f"group_size={self.group_size}, act_unsigned={self.act_unsigned}{extra}")
 
 
+def set_sm90_activations(model: nn.Module, activations: ops.Sm90Activations | str) -> int:
+    """Sets the Hopper activation format (nunchaku.ops.Sm90Activations, or its value "int4" /
+    "pow2") of every SVDQW4A4Linear in `model`; returns how many layers it set. Unsigned
+    (post-GELU) layers keep int4 whatever the setting."""
+    activations = ops.Sm90Activations(activations)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, SVDQW4A4Linear):
+            module.sm90_activations = activations
+            count += 1
+    return count
+
+
 class AWQW4A16Linear(LowRankAdapters, nn.Module):
     """Weight-only 4-bit linear: W[n,k] = code·wscales[n,k/G] + wzeros[n,k/G].
 
