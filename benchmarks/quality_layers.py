@@ -33,7 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nunchaku.ops.sm90_layout import dequantize_act_sm90, reference_quantize_act_pow2_sm90  # noqa: E402
 from nunchaku.quant.awq import quantize_w4a16, simulate_w4a16  # noqa: E402
+from nunchaku.quant.int4 import dequantize_int4  # noqa: E402
 from nunchaku.quant.svdquant import (  # noqa: E402
     DecomposeOptions,
     SVDMethod,
@@ -86,6 +88,18 @@ def fake_int8_rowwise(t: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(t / scale), -127, 127) * scale
 
 
+def simulate_w4_pow2(x: torch.Tensor, layer) -> torch.Tensor:
+    """simulate_w4a4 with the Hopper kernels' pow2 activation format (nunchaku.ops.Sm90Activations.POW2,
+    signed layers only): the activations exactly as the pow2 quantizer and GEMM see them."""
+    xb = x.to(torch.bfloat16)
+    codes, scales, _ = reference_quantize_act_pow2_sm90(xb, layer.smooth.to(torch.bfloat16),
+                                                        layer.lora_down.to(torch.bfloat16))
+    qa = dequantize_act_sm90(codes, scales).float()
+    w_main = dequantize_int4(layer.qweight, layer.wscales, layer.group_size)
+    lowrank = (x.float() @ layer.lora_down.float()) @ layer.lora_up.float().T
+    return qa @ w_main.T + lowrank + layer.bias.float()
+
+
 def run_layer(name, k, n, post_gelu, tokens, device, svd_method, seed=0):
     gen = torch.Generator().manual_seed(seed)
     cs = channel_scales(k, gen)
@@ -111,6 +125,10 @@ def run_layer(name, k, n, post_gelu, tokens, device, svd_method, seed=0):
     for r in (16, 32, 64):
         res = search_smoothing(w, None, absmax, calib, opts(r), act_unsigned=post_gelu)
         rows[f"SVDQuant W4A4 r={r} (α={res.alpha:.2f})"] = sqnr_db(simulate_w4a4(test, res.layer), ref)
+        if r == 32:
+            # The same quantized layer with pow2 activations (post-GELU layers keep int4 there).
+            y = simulate_w4a4(test, res.layer) if post_gelu else simulate_w4_pow2(test, res.layer)
+            rows[f"SVDQuant W4 r=32, Hopper pow2 activations (α={res.alpha:.2f})"] = sqnr_db(y, ref)
     w4a16 = quantize_w4a16(w, None, 64, calib.pow(2).mean(0))
     rows["W4A16 (AWQ-style g64)"] = sqnr_db(simulate_w4a16(test, w4a16), ref)
     rows["W8A8 (per-channel / per-token)"] = sqnr_db(fake_int8_rowwise(test) @ fake_int8_rowwise(w).T, ref)
