@@ -6,7 +6,8 @@
 #   bash benchmarks/device_run.sh [--quick] [--no-tests] [--no-bench] [--ncu] [--ncu-source] [--ablate]
 # --ncu-source: per-SASS-instruction warp stall samples of one kernel launch ($OUT/<kernel>_source.csv
 #   and a top-40 summary): NUNCHAKU_NCU_KERNELS (regexes, default "w4a4_gemm") at NUNCHAKU_NCU_SHAPE
-#   ("M K N", default "4608 3072 3072"); several kernels: NUNCHAKU_NCU_KERNELS="w4a4_gemm quantize_act".
+#   ("M K N", default "4608 3072 3072"); several kernels: NUNCHAKU_NCU_KERNELS="w4a4_gemm quantize_act";
+#   NUNCHAKU_NCU_POW2=1 profiles the pow2 activation format's kernels instead.
 #   NUNCHAKU_AB="name=SPEC ..." bash benchmarks/device_run.sh ...   (A/B of the GEMM alone)
 # NUNCHAKU_AB lists other builds to time against the tree's in the same call (gemm.py --gemm-only at
 # M = 256, 1024, 4608): SPEC is comma-separated -D flags (e.g. -DNUNCHAKU_GEMM_CLUSTER_M=1) or
@@ -153,7 +154,8 @@ if [ "$RUN_NCU_SOURCE" -eq 1 ]; then
   read -r -a NCU_SHAPE <<< "${NUNCHAKU_NCU_SHAPE:-4608 3072 3072}"
   for kernel in ${NUNCHAKU_NCU_KERNELS:-w4a4_gemm}; do
     timeout 240 ncu --target-processes all -k "regex:$kernel" --launch-skip 2 --launch-count 1 --set full \
-      -o "/tmp/prof_$kernel" -f python3 benchmarks/gemm.py --profile "${NCU_SHAPE[@]}" > "$OUT/ncu_${kernel}_run.log" 2>&1
+      -o "/tmp/prof_$kernel" -f python3 benchmarks/gemm.py --profile "${NCU_SHAPE[@]}" ${NUNCHAKU_NCU_POW2:+--pow2} \
+      > "$OUT/ncu_${kernel}_run.log" 2>&1
     ncu -i "/tmp/prof_$kernel.ncu-rep" --page source --csv --print-source sass > "$OUT/${kernel}_source.csv" 2>> "$OUT/ncu_source_err.log"
     ncu -i "/tmp/prof_$kernel.ncu-rep" --page details --print-details all > "$OUT/ncu_${kernel}_details.txt" 2>&1
     echo "== $kernel at M K N = ${NCU_SHAPE[*]}"

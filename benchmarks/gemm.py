@@ -171,10 +171,10 @@ def check_gemm(m: int, k: int, n: int, pow2: bool = False) -> str:
     return f"{label} M={m} K={k} N={n}: rel err {err:.3e} (rounding alone {rounding:.3e}) {verdict}"
 
 
-def profile_once(m: int, k: int, n: int) -> None:
+def profile_once(m: int, k: int, n: int, pow2: bool = False) -> None:
     x, smooth, lora_down, lora_up, bias, wp, wsp = random_layer(m, k, n)
     for _ in range(3):
-        sm90.w4a4_linear_sm90(x, smooth, lora_down, wp, wsp, lora_up, bias)
+        sm90.w4a4_linear_sm90(x, smooth, lora_down, wp, wsp, lora_up, bias, pow2_activations=pow2)
     torch.cuda.synchronize()
 
 
@@ -187,7 +187,7 @@ def main() -> int:
     ap.add_argument("--ms", type=int, nargs="+", default=[4608], help="token counts M for --gemm-only")
     ap.add_argument("--check", action="store_true", help="with --gemm-only: first compare against the reference")
     ap.add_argument("--pow2", action="store_true",
-                    help="with --gemm-only: also time the pow2 activation format")
+                    help="with --gemm-only: also time the pow2 activation format; with --profile: run it")
     ap.add_argument("--profile", type=int, nargs=3, metavar=("M", "K", "N"), default=None,
                     help="run quantize + GEMM of one shape a few times (for ncu) and exit")
     args = ap.parse_args()
@@ -195,7 +195,7 @@ def main() -> int:
         print("no CUDA device")
         return 1
     if args.profile:
-        profile_once(*args.profile)
+        profile_once(*args.profile, pow2=args.pow2)
         return 0
     if args.gemm_only:
         formats = [False, True] if args.pow2 else [False]
