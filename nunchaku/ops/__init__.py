@@ -29,14 +29,23 @@ class Backend(str, enum.Enum):
     CUDA = "cuda"
 
 
-def requested_backend() -> Backend:
-    value = os.environ.get("NUNCHAKU_BACKEND", "auto").strip().lower()
+def _enum_from_env(variable: str, choices: type[enum.Enum], default: str, extra: tuple[str, ...] = ()):
+    """The member of `choices` that environment variable `variable` names (case and surrounding
+    blanks ignored; unset: `default`); a value in `extra` is returned as the string itself for the
+    caller to handle, anything else is a ValueError that names the variable and the choices."""
+    value = os.environ.get(variable, default).strip().lower()
+    if value in extra:
+        return value
     try:
-        return Backend(value)
+        return choices(value)
     except ValueError:
         raise ValueError(
-            f"NUNCHAKU_BACKEND={value!r} is not one of {[b.value for b in Backend]}"
+            f"{variable}={value!r} is not one of {list(extra) + [c.value for c in choices]}"
         ) from None
+
+
+def requested_backend() -> Backend:
+    return _enum_from_env("NUNCHAKU_BACKEND", Backend, "auto")
 
 
 class W4A4Kernels(str, enum.Enum):
@@ -49,15 +58,8 @@ class W4A4Kernels(str, enum.Enum):
 def requested_w4a4_kernels() -> W4A4Kernels | None:
     """NUNCHAKU_W4A4_KERNELS: "auto" (default: the family made for the GPU), "sm90" or "sm80"
     (that family wherever it can run: an H100 runs the sm80 kernels, in emulation, for testing)."""
-    value = os.environ.get("NUNCHAKU_W4A4_KERNELS", "auto").strip().lower()
-    if value == "auto":
-        return None
-    try:
-        return W4A4Kernels(value)
-    except ValueError:
-        raise ValueError(
-            f"NUNCHAKU_W4A4_KERNELS={value!r} is not one of {['auto'] + [k.value for k in W4A4Kernels]}"
-        ) from None
+    kernels = _enum_from_env("NUNCHAKU_W4A4_KERNELS", W4A4Kernels, "auto", extra=("auto",))
+    return None if kernels == "auto" else kernels
 
 
 class Sm90Activations(str, enum.Enum):
@@ -80,13 +82,7 @@ class Sm90Activations(str, enum.Enum):
 
 def requested_sm90_activations() -> Sm90Activations:
     """NUNCHAKU_SM90_ACTIVATIONS: "int4" (default) or "pow2" (see Sm90Activations)."""
-    value = os.environ.get("NUNCHAKU_SM90_ACTIVATIONS", "int4").strip().lower()
-    try:
-        return Sm90Activations(value)
-    except ValueError:
-        raise ValueError(
-            f"NUNCHAKU_SM90_ACTIVATIONS={value!r} is not one of {[a.value for a in Sm90Activations]}"
-        ) from None
+    return _enum_from_env("NUNCHAKU_SM90_ACTIVATIONS", Sm90Activations, "int4")
 
 
 def w4a4_kernel_problem(device: torch.device, n: int, k: int, rank: int = 32,

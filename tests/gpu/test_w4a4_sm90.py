@@ -47,9 +47,10 @@ def run_gemm(codes, scales, wp, wsp, lora_act, lora_up, bias, gelu_from=None):
     return out
 
 
-def check_gemm(x, layer, label):
-    """The GEMM on the reference quantizer's output against the float64 reference."""
-    codes, scales, lora_act = reference_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+def check_gemm(x, layer, label, quantize=reference_quantize_act_sm90):
+    """The GEMM on a reference quantizer's output (int4 by default; reference_quantize_act_pow2_sm90
+    for the pow2 format) against the float64 reference."""
+    codes, scales, lora_act = quantize(x, layer["smooth"], layer["lora_down"])
     out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
     exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"],
                                 exact=True)
@@ -226,14 +227,21 @@ def test_gemm_rejects_an_unknown_forced_tile(monkeypatch):
         run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
 
 
-def test_opcheck():
+@pytest.mark.parametrize("pow2", [False, True], ids=["int4", "pow2"])
+def test_opcheck(pow2):
+    """Both quantize ops (the pow2 one has no act_unsigned argument) and the GEMM on their output."""
     gen = torch.Generator(device="cuda").manual_seed(5)
     layer = make_layer(192, 256, 32, torch.bfloat16, gen)
     x = torch.randn(33, 192, generator=gen, device="cuda").to(torch.bfloat16)
-    codes, scales, lora_act = sm90.w4a4_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+    if pow2:
+        codes, scales, lora_act = sm90.w4a4_quantize_act_pow2_sm90(x, layer["smooth"], layer["lora_down"])
+        quantize_op, flags = torch.ops.nunchaku.w4a4_quantize_act_pow2_sm90.default, ()
+    else:
+        codes, scales, lora_act = sm90.w4a4_quantize_act_sm90(x, layer["smooth"], layer["lora_down"])
+        quantize_op, flags = torch.ops.nunchaku.w4a4_quantize_act_sm90.default, (False,)
     torch.library.opcheck(
-        torch.ops.nunchaku.w4a4_quantize_act_sm90.default,
-        (x, layer["smooth"], layer["lora_down"], False, torch.empty_like(codes), torch.empty_like(scales),
+        quantize_op,
+        (x, layer["smooth"], layer["lora_down"], *flags, torch.empty_like(codes), torch.empty_like(scales),
          torch.empty_like(lora_act)),
     )
     out = torch.empty(33, 256, device="cuda", dtype=torch.bfloat16)
@@ -243,9 +251,10 @@ def test_opcheck():
     )
 
 
-def test_cuda_graph_capture(gemm_tile):
+@pytest.mark.parametrize("pow2", [False, True], ids=["int4", "pow2"])
+def test_cuda_graph_capture(gemm_tile, pow2):
     gen = torch.Generator(device="cuda").manual_seed(9)
     layer = make_layer(3072, 3072, 32, torch.bfloat16, gen)
     x = torch.randn(200, 3072, generator=gen, device="cuda").to(torch.bfloat16)
     args = (layer["smooth"], layer["lora_down"], layer["wp"], layer["wsp"], layer["lora_up"], layer["bias"])
-    check_cuda_graph_replay(lambda t: sm90.w4a4_linear_sm90(t, *args), x, gen)
+    check_cuda_graph_replay(lambda t: sm90.w4a4_linear_sm90(t, *args, pow2_activations=pow2), x, gen)

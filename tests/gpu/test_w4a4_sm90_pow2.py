@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_w4a4_sm90 import make_layer, run_gemm
-from w4a4_helpers import check_close, check_cuda_graph_replay, check_gelu_epilogue, rel_err
+from test_w4a4_sm90 import check_gemm, make_layer
+from w4a4_helpers import check_close, check_gelu_epilogue, rel_err
 
 from nunchaku.ops import Sm90Activations, sm90
 from nunchaku.ops.sm90_layout import (
@@ -119,15 +119,6 @@ def test_quantize_pow2_is_at_least_as_accurate_as_int4():
     assert (a2 - v).norm() < 0.8 * (a4 - v).norm()
 
 
-def check_gemm_pow2(x, layer, label):
-    """The GEMM on the reference pow2 quantizer's output against the float64 reference."""
-    codes, scales, lora_act = reference_quantize_act_pow2_sm90(x, layer["smooth"], layer["lora_down"])
-    out = run_gemm(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"])
-    exact = reference_gemm_sm90(codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"],
-                                exact=True)
-    check_close(out, exact, x.dtype, label)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 257, 4608])
 @pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (15360, 3072)])
@@ -137,7 +128,8 @@ def test_gemm_pow2_matches_reference(m, k, n, dtype, gemm_tile):
     gen = torch.Generator(device="cuda").manual_seed(m + k + n + 1)
     layer = make_layer(k, n, 32, dtype, gen)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-    check_gemm_pow2(x, layer, f"pow2 gemm m={m} k={k} n={n} {dtype}")
+    check_gemm(x, layer, f"pow2 gemm m={m} k={k} n={n} {dtype}",
+               quantize=reference_quantize_act_pow2_sm90)
 
 
 @pytest.mark.parametrize("m,k,n", [(3, 64, 128), (300, 320, 384), (500, 704, 256), (1000, 3072, 3072)])
@@ -175,7 +167,7 @@ def test_gemm_pow2_zero_and_spread_weight_scales(k, gemm_tile):
     wscales[::3, g // 2] = 0
     layer["wp"], layer["wsp"] = pack_weights_sm90(wcodes, wscales)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-    check_gemm_pow2(x, layer, f"pow2 gemm, spread scales, k={k}")
+    check_gemm(x, layer, f"pow2 gemm, spread scales, k={k}", quantize=reference_quantize_act_pow2_sm90)
 
 
 def test_pow2_rejects_bad_arguments():
@@ -194,31 +186,6 @@ def test_pow2_rejects_bad_arguments():
     with pytest.raises(ValueError, match="signed only"):
         sm90.w4a4_linear_sm90(x, layer["smooth"], layer["lora_down"], layer["wp"], layer["wsp"], layer["lora_up"],
                               layer["bias"], act_unsigned=True, pow2_activations=True)
-
-
-def test_pow2_opcheck():
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    layer = make_layer(192, 256, 32, torch.bfloat16, gen)
-    x = torch.randn(33, 192, generator=gen, device="cuda").to(torch.bfloat16)
-    codes, scales, lora_act = sm90.w4a4_quantize_act_pow2_sm90(x, layer["smooth"], layer["lora_down"])
-    torch.library.opcheck(
-        torch.ops.nunchaku.w4a4_quantize_act_pow2_sm90.default,
-        (x, layer["smooth"], layer["lora_down"], torch.empty_like(codes), torch.empty_like(scales),
-         torch.empty_like(lora_act)),
-    )
-    out = torch.empty(33, 256, device="cuda", dtype=torch.bfloat16)
-    torch.library.opcheck(
-        torch.ops.nunchaku.w4a4_gemm_sm90.default,
-        (codes, scales, layer["wp"], layer["wsp"], lora_act, layer["lora_up"], layer["bias"], 100, out),
-    )
-
-
-def test_pow2_cuda_graph_capture(gemm_tile):
-    gen = torch.Generator(device="cuda").manual_seed(9)
-    layer = make_layer(3072, 3072, 32, torch.bfloat16, gen)
-    x = torch.randn(200, 3072, generator=gen, device="cuda").to(torch.bfloat16)
-    args = (layer["smooth"], layer["lora_down"], layer["wp"], layer["wsp"], layer["lora_up"], layer["bias"])
-    check_cuda_graph_replay(lambda t: sm90.w4a4_linear_sm90(t, *args, pow2_activations=True), x, gen)
 
 
 def test_module_follows_the_activation_setting(monkeypatch):
