@@ -188,7 +188,8 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// Two fp32 values that hold small integers -> two e4m3 bytes (exact for |v| <= 16).
+// Two fp32 values -> two e4m3 bytes, rounded to nearest even and saturated (exact for integers
+// with |v| <= 16, and for the pow2 format's codes of groups down to 2^-13 of their token's largest).
 __device__ __forceinline__ uint16_t f32x2_to_e4m3x2(float lo, float hi) {
   uint16_t d = 0;
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 890
@@ -197,6 +198,11 @@ __device__ __forceinline__ uint16_t f32x2_to_e4m3x2(float lo, float hi) {
   __trap();  // no e4m3 conversion before sm_89; the ops that reach here refuse such GPUs on the host
 #endif
   return d;
+}
+
+// Four fp32 values as four e4m3 bytes of one word, the first in the lowest byte.
+__device__ __forceinline__ uint32_t f32x4_to_e4m3x4(float a, float b, float c, float d) {
+  return f32x2_to_e4m3x2(a, b) | (static_cast<uint32_t>(f32x2_to_e4m3x2(c, d)) << 16);
 }
 
 // ---------------------------------------------------------------- sm_80 building blocks

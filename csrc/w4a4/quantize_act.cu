@@ -163,7 +163,7 @@ __device__ __forceinline__ void pow2_finish(uint8_t* __restrict__ codes, float* 
           float f[4];
 #pragma unroll
           for (int k = 0; k < 4; ++k) f[k] = static_cast<float>(static_cast<int8_t>(words[j] >> (8 * k))) * factor;
-          out[j] = ptx::f32x2_to_e4m3x2(f[0], f[1]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(f[2], f[3])) << 16);
+          out[j] = ptx::f32x4_to_e4m3x4(f[0], f[1], f[2], f[3]);
         }
         base[(i0 + b) * (kGroup / 16)] = make_uint4(out[0], out[1], out[2], out[3]);
       }
@@ -281,10 +281,10 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
         *reinterpret_cast<uint4*>(codes + row * K + g * kGroup + quarter * 16) = make_uint4(w[0], w[1], w[2], w[3]);
       } else if constexpr (kFormat == CodeFormat::kE4m3Bytes) {
         uint4 out;
-        out.x = ptx::f32x2_to_e4m3x2(q[0], q[1]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[2], q[3])) << 16);
-        out.y = ptx::f32x2_to_e4m3x2(q[4], q[5]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[6], q[7])) << 16);
-        out.z = ptx::f32x2_to_e4m3x2(q[8], q[9]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[10], q[11])) << 16);
-        out.w = ptx::f32x2_to_e4m3x2(q[12], q[13]) | (static_cast<uint32_t>(ptx::f32x2_to_e4m3x2(q[14], q[15])) << 16);
+        out.x = ptx::f32x4_to_e4m3x4(q[0], q[1], q[2], q[3]);
+        out.y = ptx::f32x4_to_e4m3x4(q[4], q[5], q[6], q[7]);
+        out.z = ptx::f32x4_to_e4m3x4(q[8], q[9], q[10], q[11]);
+        out.w = ptx::f32x4_to_e4m3x4(q[12], q[13], q[14], q[15]);
         *reinterpret_cast<uint4*>(codes + row * K + g * kGroup + quarter * 16) = out;
       } else {
         // Channel 2i in the low nibble, 2i + 1 in the high one (two's complement for signed
