@@ -12,6 +12,10 @@ constexpr int kChannelBlockBytes = kChannelBlock * kBlockK / 2;  // its packed i
 constexpr int kProducerThreads = 128;
 constexpr int kMaxRank = 128;
 
+// The epilogue's rows of lora_act (fp32, kTokens x R) travel through the stage ring after the
+// last K stage, in pieces of one activation tile (kTokens x 128 bytes): R / 32 pieces, rounded up.
+__host__ __device__ constexpr int lora_pieces(int rank) { return (rank + 31) / 32; }
+
 // A CTA computes a tile of y as its transpose: the wgmma's M side is the output channels, so the
 // int4 weights are its A operand and are widened to fp8 in registers by the warps that multiply
 // them (wgmma takes A from registers, B only from shared memory); the fp8 activation codes are
@@ -36,6 +40,8 @@ struct Tile {
   static constexpr uint32_t kConsumerRegs = kConsumers == 2 ? 232 : 160;
   static_assert(kProducerRegs * kProducerThreads + kConsumerRegs * 128 * kConsumers <= 65536);
   static constexpr int kStages = 5;
+  // All pieces are in flight at once, in slots the mainloop has finished with.
+  static_assert(lora_pieces(kMaxRank) < kStages);
 
   static constexpr int kActTileBytes = kTokens * kBlockK;                   // fp8 codes, 128-byte swizzle
   static constexpr int kWPackedTileBytes = kChannelBlockBytes * kConsumers;  // int4, as stored

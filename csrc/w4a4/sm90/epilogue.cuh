@@ -5,8 +5,8 @@
 //      two: exact);
 //   1. + lora_act . lora_up^T by mma.sync m16n8k16 straight into the accumulators (A = lora_up's
 //      16 x 16 slices, B = lora_act, fp32 split into a 16-bit high part and a residual: two
-//      MMAs, ~16 significant bits with bf16, 22 with fp16; with three consumers staged in
-//      shared memory first);
+//      MMAs, ~16 significant bits with bf16, 22 with fp16; lora_act's rows arrive in shared
+//      memory through the stage ring and are split there once per CTA);
 //   2. + bias, GELU on the channels >= gelu_from, one rounding to the output dtype;
 //   3. stmatrix.trans into shared memory (tokens as rows), then 16-byte stores of whole output
 //      row pieces (the fragments' own layout would scatter 2-byte stores over 16 rows).
@@ -17,9 +17,12 @@
 
 namespace nunchaku::w4a4::sm90 {
 
+// Named barrier of all consumer warpgroups (1 + wg are the per-warpgroup ones).
+constexpr uint32_t kAllConsumersBarrier = 4;
+
 template <class T, bool kBf16, bool kTokenScales>
 __device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpilogueParams& p, const float* token_scales,
-                                         int m0, int n0, int wg, float (&acc)[T::kAccRegs]) {
+                                         int KT, int m0, int n0, int wg, float (&acc)[T::kAccRegs]) {
   using H = Half2<kBf16>;
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32;
@@ -41,59 +44,85 @@ __device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpiloguePar
       acc[4 * j + 3] *= ts.y;
     }
   }
-  // With three consumers (128 tokens) the warpgroup first copies 32 ranks of its tokens' lora_act
-  // rows at a time into its columns of the output staging tile (16-byte loads, all in flight at
-  // once) and its warps read their B fragments from there; with two (192 tokens) each warp loads
-  // its fragments from global memory (L1). Measured (session 7, same-call A/B): staging is 4-8%
-  // faster with three consumers and 0-4% slower with two.
-  constexpr bool kStaged = T::kConsumerWarpgroups == 3;
   const uint16_t* up = static_cast<const uint16_t*>(p.lora_up);
-  uint8_t* lora_tile = sm.out + wg * 128;  // kTokens rows of 128 bytes, pitch kOutPitch
-  for (int rc = 0; channels_valid && rc < p.R; rc += 32) {
-    const int chunk = min(32, p.R - rc);  // ranks in this piece: 32, or 16 at the end
-    if constexpr (kStaged) {
-      const int pieces_per_row = chunk / 4;
-      for (int piece = tid; piece < T::kTokens * pieces_per_row; piece += 128) {
-        const int row = piece / pieces_per_row, c4 = piece % pieces_per_row;
-        const int tok = min(m0 + row, p.M - 1);  // rows past M: never stored
-        const float4 v =
-            __ldg(reinterpret_cast<const float4*>(p.lora_act + static_cast<int64_t>(tok) * p.R + rc) + c4);
-        *reinterpret_cast<float4*>(lora_tile + row * T::kOutPitch + c4 * 16) = v;
-      }
-      ptx::named_bar_sync(1 + wg, 128);
+  // lora_up's A fragment of ranks r0 .. r0 + 15 (rows ch_a, ch_b), loaded one 16-rank step ahead.
+  auto load_up = [&](int r0, uint32_t(&a)[4]) {
+    a[0] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_a) * p.R + r0 + kq));
+    a[1] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_b) * p.R + r0 + kq));
+    a[2] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_a) * p.R + r0 + kq + 8));
+    a[3] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_b) * p.R + r0 + kq + 8));
+  };
+  uint32_t a_cur[4] = {0, 0, 0, 0};
+  if (channels_valid) load_up(0, a_cur);
+
+  // The tile's lora_act rows came through the stage ring (producer_loop): byte o of them (row-major
+  // [kTokens, R] fp32) is in the activation slot of ring iteration KT + o / kActTileBytes. Those
+  // slots follow each other from KT's, except that the ring wraps to slot 0.
+  for (int piece = 0; piece < lora_pieces(p.R); ++piece) {
+    const int it = KT + piece;
+    ptx::mbar_wait(&sm.full[it % T::kStages], (it / T::kStages) & 1);
+  }
+  const int first_slot = KT % T::kStages;
+  uint8_t* const rows = sm.act[first_slot];
+  const int wrap_at = (T::kStages - first_slot) * T::kActTileBytes;
+  auto at = [&](int o) { return rows + o - (o >= wrap_at ? T::kStages * T::kActTileBytes : 0); };
+
+  // One pass over them by all consumer threads, in place: each pair of ranks (an 8-byte unit,
+  // u = rank / 2) becomes its 16-bit high parts and residuals (split_hi_lo), the two B-fragment
+  // registers of the up projection's MMAs, so each value is split once per CTA instead of once
+  // per warp. The units of a row are permuted within aligned blocks (u ^ swizzle(row)) so that
+  // the fragment loads below, 4 rows x 4 units per half warp, hit 16 different bank pairs: rows
+  // of 16-unit multiples (R % 32 == 0) flip bits 2-3 by row % 4, the others (R % 32 == 16, rows
+  // 8 units off each other's banks) bit 2 by (row / 2) % 2. A thread reads its whole block before
+  // it writes it back, so the pass needs no barrier inside.
+  const int row_bytes = 4 * p.R;
+  const bool wide_blocks = p.R % 32 == 0;
+  const int block_units = wide_blocks ? 16 : 8;
+  auto swizzle = [&](int row) { return wide_blocks ? 4 * (row & 3) : 4 * ((row >> 1) & 1); };
+  const int blocks_per_row = p.R / 2 / block_units;
+  constexpr int kConsumerThreads = 128 * T::kConsumerWarpgroups;
+  for (int task = wg * 128 + tid; task < T::kTokens * blocks_per_row; task += kConsumerThreads) {
+    const int row = task / blocks_per_row;
+    const int o0 = row * row_bytes + (task - row * blocks_per_row) * block_units * 8;
+    float4 v[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+      if (2 * q < block_units) v[q] = *reinterpret_cast<const float4*>(at(o0 + 16 * q));
+    const int swz = swizzle(row);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      if (2 * q >= block_units) continue;
+      uint4 w;  // units 2q and 2q + 1 land together: the swizzle leaves bit 0 of u alone
+      split_hi_lo<kBf16>(v[q].x, v[q].y, w.x, w.y);
+      split_hi_lo<kBf16>(v[q].z, v[q].w, w.z, w.w);
+      *reinterpret_cast<uint4*>(at(o0 + 8 * ((2 * q) ^ swz))) = w;
     }
-    for (int r0 = rc; r0 < rc + chunk; r0 += 16) {
-      uint32_t a[4];
-      a[0] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_a) * p.R + r0 + kq));
-      a[1] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_b) * p.R + r0 + kq));
-      a[2] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_a) * p.R + r0 + kq + 8));
-      a[3] = __ldg(reinterpret_cast<const uint32_t*>(up + static_cast<int64_t>(ch_b) * p.R + r0 + kq + 8));
+  }
+  ptx::named_bar_sync(kAllConsumersBarrier, kConsumerThreads);
+
+  // Rows 8 j + g of every fragment have g's swizzle.
+  const int swz = swizzle(g);
+  for (int r0 = 0; r0 < p.R; r0 += 16) {
+    uint32_t a_next[4] = {0, 0, 0, 0};
+    if (channels_valid && r0 + 16 < p.R) load_up(r0 + 16, a_next);
+    const int unit_lo = ((r0 + kq) / 2) ^ swz, unit_hi = ((r0 + kq + 8) / 2) ^ swz;
+    if (channels_valid) {
 #pragma unroll
       for (int j = 0; j < T::kTokens / 8; ++j) {
-        float2 l0 = make_float2(0.f, 0.f), l1 = make_float2(0.f, 0.f);
-        if constexpr (kStaged) {
-          const uint8_t* b_row = lora_tile + (8 * j + g) * T::kOutPitch + (r0 - rc + kq) * 4;
-          l0 = *reinterpret_cast<const float2*>(b_row);
-          l1 = *reinterpret_cast<const float2*>(b_row + 32);
-        } else if (const int tok = m0 + 8 * j + g; tok < p.M) {
-          const float* row = p.lora_act + static_cast<int64_t>(tok) * p.R + r0 + kq;
-          l0 = __ldg(reinterpret_cast<const float2*>(row));
-          l1 = __ldg(reinterpret_cast<const float2*>(row + 8));
-        }
-        uint32_t b_hi[2], b_lo[2];
-        split_hi_lo<kBf16>(l0.x, l0.y, b_hi[0], b_lo[0]);
-        split_hi_lo<kBf16>(l1.x, l1.y, b_hi[1], b_lo[1]);
+        const int row_offset = (8 * j + g) * row_bytes;
+        const uint2 b0 = *reinterpret_cast<const uint2*>(at(row_offset + 8 * unit_lo));  // {hi, residual} of k = kq, kq + 1
+        const uint2 b1 = *reinterpret_cast<const uint2*>(at(row_offset + 8 * unit_hi));  // of k = kq + 8, kq + 9
         float c[4] = {acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]};
-        ptx::mma_m16n8k16<kBf16>(c, a, b_hi[0], b_hi[1]);
-        ptx::mma_m16n8k16<kBf16>(c, a, b_lo[0], b_lo[1]);
+        ptx::mma_m16n8k16<kBf16>(c, a_cur, b0.x, b1.x);
+        ptx::mma_m16n8k16<kBf16>(c, a_cur, b0.y, b1.y);
         acc[4 * j] = c[0];
         acc[4 * j + 1] = c[1];
         acc[4 * j + 2] = c[2];
         acc[4 * j + 3] = c[3];
       }
     }
-    // The piece is read before the next one (or the output) overwrites it.
-    if constexpr (kStaged) ptx::named_bar_sync(1 + wg, 128);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a_cur[i] = a_next[i];
   }
 
   const uint16_t* bias = static_cast<const uint16_t*>(p.bias);

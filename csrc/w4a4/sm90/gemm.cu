@@ -57,12 +57,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
   if (wg == 0) {
     ptx::setmaxnreg_dec<T::kProducerRegs>();
-    if (threadIdx.x == 0) producer_loop<T, kTokenScales>(sm, &act_map, mp, m0, n0);
+    if (threadIdx.x == 0) producer_loop<T, kTokenScales>(sm, &act_map, mp, ep.lora_act, ep.M, ep.R, m0, n0);
   } else {
     ptx::setmaxnreg_inc<T::kConsumerRegs>();
     float acc[T::kAccRegs];
     consumer_mainloop<T, kBf16, kTokenScales>(sm, mp, wg - 1, acc);
-    epilogue<T, kBf16, kTokenScales>(sm, ep, mp.ascales, m0, n0, wg - 1, acc);
+    epilogue<T, kBf16, kTokenScales>(sm, ep, mp.ascales, mp.KT, m0, n0, wg - 1, acc);
   }
 #else
   __trap();  // unreachable: gemm_sm90 checks for an sm_90a build first (check_sm90a_build)

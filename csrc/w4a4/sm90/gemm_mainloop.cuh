@@ -57,10 +57,15 @@ __device__ __forceinline__ uint2 int4x8_to_e4m3x8(uint32_t w) {
 }
 
 // One thread (the producer warpgroup's thread 0) issues every copy; nothing else is on the
-// path from a free stage to a full one.
+// path from a free stage to a full one. After the K stages the ring carries the tile's lora_act
+// rows for the epilogue (lora_pieces(R) more iterations, into the activation slots): the
+// mainloop frees those slots a few stages before it ends, so the rows land while the consumers
+// still multiply, where the epilogue used to wait on global loads (a third of its stall samples
+// in session 8's profile, KERNEL_NOTES.md).
 template <class T, bool kTokenScales>
 __device__ __forceinline__ void producer_loop(typename T::Smem& sm, const CUtensorMap* act_map,
-                                              const MainloopParams& p, int m0, int n0) {
+                                              const MainloopParams& p, const float* lora_act, int M, int R, int m0,
+                                              int n0) {
   const int64_t kt_bytes = static_cast<int64_t>(p.n_pad / kChannelBlock) * kChannelBlockBytes;
   const uint8_t* w_src = p.w_packed + static_cast<int64_t>(n0 / kChannelBlock) * kChannelBlockBytes;
   for (int kt = 0; kt < p.KT; ++kt) {
@@ -83,6 +88,20 @@ __device__ __forceinline__ void producer_loop(typename T::Smem& sm, const CUtens
     if (g1_valid)
       ptx::bulk_g2s(sm.ascale[s][1], p.ascales + static_cast<int64_t>(g0 + 1) * p.m_pad + m0, T::kTokens * 4,
                     &sm.full[s]);
+  }
+  // The tile's rows of lora_act are contiguous in global memory ([M, R] fp32): piece i is bytes
+  // [i, i + 1) * kActTileBytes of them. Rows past M are not copied (their columns are never
+  // stored); a piece with none arrives with zero bytes so that the consumers' waits stay uniform.
+  const int64_t tile_bytes = static_cast<int64_t>(min(T::kTokens, M - m0)) * R * 4;
+  const uint8_t* rows = reinterpret_cast<const uint8_t*>(lora_act + static_cast<int64_t>(m0) * R);
+  for (int piece = 0; piece < lora_pieces(R); ++piece) {
+    const int it = p.KT + piece, s = it % T::kStages;
+    ptx::mbar_wait(&sm.empty[s], ((it / T::kStages) & 1) ^ 1);
+    const int64_t offset = static_cast<int64_t>(piece) * T::kActTileBytes;
+    const int64_t left = tile_bytes - offset;
+    const uint32_t bytes = static_cast<uint32_t>(left <= 0 ? 0 : (left < T::kActTileBytes ? left : T::kActTileBytes));
+    ptx::mbar_arrive_expect_tx(&sm.full[s], bytes);
+    if (bytes > 0) ptx::bulk_g2s(sm.act[s], rows + offset, bytes, &sm.full[s]);
   }
 }
 
