@@ -262,7 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
                    help="fewer blocks than FLUX.1's 19 + 38 (a quick check)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true", help="also profile one int4 step (where the time goes)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one int4 step (and one pow2 step when an int4-pow2 variant runs): where the time goes")
     p.add_argument("--small", action="store_true", help="a tiny config and 64 + 16 tokens: a smoke check, on CPU too")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json")
@@ -369,6 +370,10 @@ def main(argv=None) -> int:
                 del blocks, out
                 if "int4-pow2" in wanted:
                     record("int4-pow2", model)
+                if args.profile and args.device.startswith("cuda"):
+                    report["int4_pow2_profile"] = profile_step(model, inputs[b0])
+                    print(json.dumps(report["int4_pow2_profile"], indent=1), flush=True)
+                    save()
                 if "int4-pow2-graph" in wanted:
                     graphed(model, "int4-pow2-graph")
                 set_sm90_activations(model, Sm90Activations.INT4)
