@@ -226,7 +226,7 @@ def quantize_int4(model, calib_inputs: list[dict], args) -> dict:
     _reset_peak(args.device)
     start = time.perf_counter()
     to_nunchaku_layout(model)
-    plan = quant_plan(model)
+    plan = quant_plan(model, unsigned_fc2=not args.signed_post_gelu)
     with CalibrationCollector(model, plan.calibration_targets(), max_samples=args.max_samples) as calib:
         with torch.inference_mode():
             for inputs in calib_inputs:
@@ -264,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="also profile one int4 step (and one pow2 step when an int4-pow2 variant runs): where the time goes")
+    p.add_argument("--signed-post-gelu", action="store_true",
+                   help="quantize the post-GELU layers' activations signed (quant_plan(unsigned_fc2=False)), "
+                        "so that the pow2 variants cover them too")
     p.add_argument("--small", action="store_true", help="a tiny config and 64 + 16 tokens: a smoke check, on CPU too")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json")
@@ -280,7 +283,7 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     report = {"device": device_name, "torch": torch.__version__, "config": config,
               "kernels": "sm90 extension" if sm90.extension_available() else "reference (no nunchaku._C)",
-              "rows": [], "int4": {}}
+              "signed_post_gelu": args.signed_post_gelu, "rows": [], "int4": {}}
     inputs = {b: step_inputs(b, args.seed + b, config, tokens, args.device) for b in args.batch}
 
     def save():
