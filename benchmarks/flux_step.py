@@ -263,7 +263,8 @@ def main(argv=None) -> int:
                    help="fewer blocks than FLUX.1's 19 + 38 (a quick check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
-                   help="also profile one int4 step (and one pow2 step when an int4-pow2 variant runs): where the time goes")
+                   help="also profile one int4 step (and one pow2 step when an int4-pow2 variant runs): "
+                        "where the time goes")
     p.add_argument("--signed-post-gelu", action="store_true",
                    help="quantize the post-GELU layers' activations signed (quant_plan(unsigned_fc2=False)), "
                         "so that the pow2 variants cover them too")
