@@ -1,4 +1,5 @@
-"""Quality on a trained network: the embedded demo model in BF16, SVDQuant INT4, naive W4A4 and W4A16.
+"""Quality on a trained network: the embedded demo model in BF16, SVDQuant INT4 (also with the pow2
+activation format), naive W4A4 and W4A16.
 
     python benchmarks/quality_demo.py                       # 200 held-out prompts, assets/demo
     python benchmarks/quality_demo.py --prompts 16 --json out.json
@@ -10,8 +11,9 @@ quantization error alone), PSNR and SSIM of its images against the BF16 images (
 images in [0, 1], mean over images; a few images that drift to another composition dominate
 these), and the faithfulness pass rate of `nunchaku.demo.checker` per prompt kind. The SVDQuant INT4 row
 uses the shipped checkpoint (MODEL/svdq-int4) when there is one, so the figure is that of what
-ships; the other variants are quantized here by `nunchaku.demo.variants` on training-split
-captions. A grid of the first prompts (one row per variant) is written next to the JSON.
+ships, and so does the pow2 row (the same weights, pow2 activations on the signed layers); the
+other variants are quantized here by `nunchaku.demo.variants` on training-split captions. A grid
+of the first prompts (one row per variant) is written next to the JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from nunchaku.demo.variants import (  # noqa: E402
 )
 from nunchaku.apps.common import compute_dtype  # noqa: E402
 from nunchaku.pipelines import flux as nunchaku_flux  # noqa: E402
+from nunchaku.nn.linear import set_sm90_activations  # noqa: E402
+from nunchaku.ops import Sm90Activations  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo"
 
@@ -42,9 +46,14 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo"
 def load_variant(model: Path, variant: DemoVariant, args, sampling: DemoSampling, device: str):
     """A pipeline of `variant` on `device` and how it was made."""
     shipped = model / "svdq-int4"
-    if variant is DemoVariant.SVDQUANT_INT4 and shipped.is_dir() and not args.requantize:
+    uses_shipped = variant in (DemoVariant.SVDQUANT_INT4, DemoVariant.SVDQUANT_POW2)
+    if uses_shipped and shipped.is_dir() and not args.requantize:
         pipe = nunchaku_flux.from_pretrained(model, torch_dtype=compute_dtype(device), qmodel_path=shipped)
-        return pipe.to(device), f"shipped checkpoint {shipped.name}"
+        origin = f"shipped checkpoint {shipped.name}"
+        if variant is DemoVariant.SVDQUANT_POW2:
+            set_sm90_activations(pipe.transformer, Sm90Activations.POW2)
+            origin += ", pow2 activations on its signed layers"
+        return pipe.to(device), origin
     pipe = nunchaku_flux.from_pretrained(model, torch_dtype=compute_dtype(device)).to(device)
     if variant is DemoVariant.BF16:
         return pipe, "trained weights"

@@ -150,3 +150,74 @@ def test_set_sm90_activations_sets_every_w4a4_layer(monkeypatch):
         set_sm90_activations(model, "int5")
     monkeypatch.setenv("NUNCHAKU_SM90_ACTIVATIONS", "pow2")
     assert SVDQW4A4Linear(128, 128).sm90_activations is Sm90Activations.POW2
+
+
+def test_pow2_layer_on_the_reference_path_computes_the_hopper_format():
+    """A layer set to pow2 off the Hopper kernels runs the reference of that format: its
+    activations are the sm_90 quantizer reference's codes decoded (the same values bit for bit),
+    times the dequantized weights, in float32."""
+    from nunchaku.ops import Sm90Activations
+    from nunchaku.ops.sm90_layout import dequantize_act_sm90, reference_quantize_act_pow2_sm90
+    from nunchaku.quant.int4 import dequantize_int4
+
+    torch.manual_seed(1)
+    weights = make_w4a4(k=384)
+    layer = SVDQW4A4Linear.from_weights(weights, dtype=torch.float32)
+    # Groups up to ~2^10 below the token's largest (every code exact: the format's range is 2^13).
+    x = torch.randn(2, 5, 384) * torch.logspace(-2, 1, 384)
+    y_int4 = layer(x)
+    layer.sm90_activations = Sm90Activations.POW2
+    y = layer(x)
+    x2 = x.reshape(-1, 384)
+    lw = layer.to_weights()  # the layer's float32 tensors
+    codes, scales, _ = reference_quantize_act_pow2_sm90(x2, lw.smooth, lw.lora_down)
+    a = dequantize_act_sm90(codes, scales)
+    v = x2.double() / lw.smooth.double()
+    # The decoded activations are q * 2^e with |q| <= 16, rounded to the nearest: within half a
+    # step of at most max/8 of their group.
+    half_step_bound = v.view(10, 6, 64).abs().amax(-1, keepdim=True) / 16
+    assert ((a - v).view(10, 6, 64).abs() <= half_step_bound).all()
+    w = dequantize_int4(lw.qweight, lw.wscales, 64)
+    expected = (a.float() @ w.T + (x2 @ lw.lora_down) @ lw.lora_up.T + lw.bias).reshape(2, 5, 256)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, y_int4, rtol=1e-3, atol=1e-3)  # a different quantizer, visibly
+
+
+def test_pow2_is_closer_to_the_unquantized_activations_than_int4():
+    """Per group the pow2 step is at most max/8 against int4's max/7: on Gaussian activations
+    the layer's output error against the float layer (same quantized weights, exact
+    activations) is lower with pow2."""
+    from nunchaku.ops import Sm90Activations
+    from nunchaku.quant.int4 import dequantize_int4
+
+    torch.manual_seed(0)
+    weights = make_w4a4(k=512, n=256)
+    layer = SVDQW4A4Linear.from_weights(weights, dtype=torch.float32)
+    x = torch.randn(64, 512)
+    lw = layer.to_weights()
+    w = dequantize_int4(lw.qweight, lw.wscales, 64)
+    exact = x @ w.T + (x @ lw.lora_down) @ lw.lora_up.T + lw.bias
+    err_int4 = (layer(x) - exact).norm() / exact.norm()
+    layer.sm90_activations = Sm90Activations.POW2
+    err_pow2 = (layer(x) - exact).norm() / exact.norm()
+    assert err_pow2 < 0.9 * err_int4, (err_pow2, err_int4)  # measured 0.070 against 0.087
+
+
+def test_pow2_unsigned_layer_keeps_int4_and_sm80_layout_refuses_pow2():
+    from nunchaku.nn.linear import WeightLayout
+    from nunchaku.ops import Sm90Activations
+
+    weights = make_w4a4(unsigned=True)
+    layer = SVDQW4A4Linear.from_weights(weights, dtype=torch.float32)
+    x = torch.nn.functional.gelu(torch.randn(4, 320))
+    y_int4 = layer(x)
+    layer.sm90_activations = Sm90Activations.POW2
+    assert torch.equal(layer(x), y_int4)
+    with pytest.raises(ValueError, match="pow2 activation format is for signed layers only"):
+        ops.w4a4_linear(x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up, layer.bias,
+                        act_unsigned=True, pow2_activations=True)
+    signed = SVDQW4A4Linear.from_weights(make_w4a4(), dtype=torch.bfloat16)
+    signed._set_layout(WeightLayout.SM80)  # as on an Ampere GPU (packing is pure PyTorch)
+    signed.sm90_activations = Sm90Activations.POW2
+    with pytest.raises(RuntimeError, match="Ampere/Ada .sm80. W4A4 kernels do not implement"):
+        signed(torch.randn(2, 320, dtype=torch.bfloat16))

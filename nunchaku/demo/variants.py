@@ -3,6 +3,11 @@ assets/demo/svdq-int4 is made with (`scripts/quantize_demo_model.py`) and what
 `benchmarks/quality_demo.py` compares.
 
     SVDQUANT_INT4  the engine's method: smoothing searched per layer, rank-32 16-bit branch, W4A4
+    SVDQUANT_POW2  the same quantized model with the pow2 activation format on its signed layers
+                   (nunchaku.ops.Sm90Activations.POW2: what the Hopper kernels can run instead of
+                   4-bit activations; the post-GELU layers keep int4)
+    SVDQUANT_POW2_SIGNED  quantized with the post-GELU inputs signed (quant_plan(unsigned_fc2=False)),
+                   so every layer runs pow2
     NAIVE_W4A4     round-to-nearest W4A4 with the same group size: no smoothing, no branch
     W4A16          every linear of the blocks in 4-bit weights, 16-bit activations (AWQ-style, g64)
     BF16           the trained model itself
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models.flux import quant_plan, quantize_transformer_in_place, quantized_module_specs, to_nunchaku_layout
-from ..nn.linear import AWQW4A16Linear
+from ..nn.linear import AWQW4A16Linear, set_sm90_activations
+from ..ops import Sm90Activations
 from ..nn.utils import set_submodule
 from ..quant.calibration import CalibrationCollector
 from ..quant.quantizer import LayerReport, QuantizerOptions, QuantPlan, W4A16Target, quantize_model
@@ -31,6 +37,8 @@ from .scenes import caption, scene_at
 class DemoVariant(str, enum.Enum):
     BF16 = "bf16"
     SVDQUANT_INT4 = "svdquant-int4"
+    SVDQUANT_POW2 = "svdquant-pow2"
+    SVDQUANT_POW2_SIGNED = "svdquant-pow2-signed"
     NAIVE_W4A4 = "naive-w4a4"
     W4A16 = "w4a16"
 
@@ -50,6 +58,8 @@ class DemoSampling:
         return kwargs
 
 
+POW2_VARIANTS = (DemoVariant.SVDQUANT_POW2, DemoVariant.SVDQUANT_POW2_SIGNED)
+
 DEMO_SAMPLING = DemoSampling()
 CALIBRATION_SEED = 1  # scenes of this seed; training used seed 0's, held-out captions are excluded either way
 
@@ -59,8 +69,10 @@ def calibration_prompts(n: int, seed: int = CALIBRATION_SEED) -> list[str]:
 
 
 def _plan_and_options(transformer, variant: DemoVariant, rank: int) -> tuple[QuantPlan, QuantizerOptions]:
-    if variant is DemoVariant.SVDQUANT_INT4:
+    if variant in (DemoVariant.SVDQUANT_INT4, DemoVariant.SVDQUANT_POW2):
         return quant_plan(transformer), QuantizerOptions(decompose=DecomposeOptions(rank=rank))
+    if variant is DemoVariant.SVDQUANT_POW2_SIGNED:
+        return quant_plan(transformer, unsigned_fc2=False), QuantizerOptions(decompose=DecomposeOptions(rank=rank))
     if variant is DemoVariant.NAIVE_W4A4:
         return quant_plan(transformer), QuantizerOptions(decompose=DecomposeOptions(rank=0), smoothing=False)
     if variant is DemoVariant.W4A16:
@@ -100,4 +112,6 @@ def quantize_demo_transformer(
             set_submodule(transformer, name, AWQW4A16Linear.from_weights(weights.to(device=device), dtype=dtype))
     else:
         quantize_transformer_in_place(transformer, result)
+        if variant in POW2_VARIANTS:
+            set_sm90_activations(transformer, Sm90Activations.POW2)
     return result.reports

@@ -131,8 +131,9 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
       bias            [N]
     act_unsigned: the input is post-GELU; it is shifted by GELU_SHIFT and quantized to 0..15
     (the bias holds the compensation).
-    sm90_activations: the activation format of the Hopper kernels (nunchaku.ops.Sm90Activations;
-    taken from NUNCHAKU_SM90_ACTIVATIONS when the module is created, and may be set directly);
+    sm90_activations: the activation format (nunchaku.ops.Sm90Activations; taken from
+    NUNCHAKU_SM90_ACTIVATIONS when the module is created, and may be set directly): POW2 runs on
+    the Hopper kernels and the reference path, not on the Ampere/Ada kernels (an error there);
     unsigned layers always run INT4.
     """
 
@@ -270,6 +271,12 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         lead = x.shape[:-1]
         lora_down, lora_up = self.lowrank_factors()
         x2 = x.reshape(-1, self.in_features)
+        pow2 = self.sm90_activations is ops.Sm90Activations.POW2 and not self.act_unsigned
+        if pow2 and self.weight_layout is WeightLayout.SM80:
+            raise RuntimeError("this layer is set to the pow2 activation format (sm90_activations), which the "
+                               "Ampere/Ada (sm80) W4A4 kernels do not implement; set it to 'int4' "
+                               "(nunchaku.nn.set_sm90_activations(model, 'int4') or NUNCHAKU_SM90_ACTIVATIONS=int4), "
+                               "or run the reference path (NUNCHAKU_BACKEND=reference)")
         if self.weight_layout is not WeightLayout.NIBBLES:
             from ..ops import sm80, sm90
 
@@ -279,7 +286,6 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
             args = (x2.to(self.bias.dtype), self.smooth, lora_down, self.qweight, self.wscales, lora_up, self.bias,
                     self.act_unsigned, gelu_from if in_epilogue else None)
             if self.weight_layout is WeightLayout.SM90:
-                pow2 = self.sm90_activations is ops.Sm90Activations.POW2 and not self.act_unsigned
                 y = sm90.w4a4_linear_sm90(*args, pow2_activations=pow2)
             else:
                 y = sm80.w4a4_linear_sm80(*args)
@@ -289,20 +295,20 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         else:
             y = ops.w4a4_linear(
                 x2, self.qweight, self.wscales, self.smooth,
-                lora_down, lora_up, self.bias, self.act_unsigned, self.group_size, gelu_from,
+                lora_down, lora_up, self.bias, self.act_unsigned, self.group_size, gelu_from, pow2,
             )
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        extra = f", sm90_activations={self.sm90_activations.value}" if self.weight_layout is WeightLayout.SM90 else ""
+        extra = f", sm90_activations={self.sm90_activations.value}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"group_size={self.group_size}, act_unsigned={self.act_unsigned}{extra}")
 
 
 def set_sm90_activations(model: nn.Module, activations: ops.Sm90Activations | str) -> int:
-    """Sets the Hopper activation format (nunchaku.ops.Sm90Activations, or its value "int4" /
-    "pow2") of every SVDQW4A4Linear in `model`; returns how many layers it set. Unsigned
-    (post-GELU) layers keep int4 whatever the setting."""
+    """Sets the activation format (nunchaku.ops.Sm90Activations, or its value "int4" / "pow2") of
+    every SVDQW4A4Linear in `model`; returns how many layers it set. Unsigned (post-GELU) layers
+    keep int4 whatever the setting; pow2 runs on the Hopper kernels and the reference path."""
     activations = ops.Sm90Activations(activations)
     count = 0
     for module in model.modules():

@@ -10,7 +10,7 @@ nunchaku.nn.linear); both paths are tested against the reference.
 NUNCHAKU_BACKEND selects: "auto" (default: the CUDA kernels where built and supported, the
 reference elsewhere), "reference" (always the reference), "cuda" (the kernels, or an error
 naming what is missing). NUNCHAKU_W4A4_KERNELS picks the W4A4 kernel family (W4A4Kernels),
-NUNCHAKU_SM90_ACTIVATIONS the Hopper kernels' activation format (Sm90Activations).
+NUNCHAKU_SM90_ACTIVATIONS the activation format of new W4A4 layers (Sm90Activations).
 """
 
 from __future__ import annotations
@@ -63,16 +63,18 @@ def requested_w4a4_kernels() -> W4A4Kernels | None:
 
 
 class Sm90Activations(str, enum.Enum):
-    """How the Hopper kernels quantize a W4A4 layer's (signed) activations.
+    """How a W4A4 layer quantizes its (signed) activations on Hopper.
 
-    INT4: the method's 4-bit codes with an fp32 scale per (token, 64-channel group): the
-    reference path's numerics, on every GPU (default).
+    INT4: the method's 4-bit codes with an fp32 scale per (token, 64-channel group), on every
+    path and GPU (default).
     POW2: integers in [-16, 16] with a power-of-two scale per (token, group), chosen so that the
     step is at most max/8 (INT4's is max/7): at least as accurate as INT4 in every group (down
     to groups 2^-13 below the token's largest), but ~5-bit, not 4-bit, activations. On sm_90
     both run on the same fp8 tensor cores; POW2 lets the GEMM fold the group scales into the
     codes (one FFMA per element and group instead of two, and no per-(token, group) scale loads;
-    one scale per token is applied in the epilogue).
+    one scale per token is applied in the epilogue). The Hopper kernels and the reference path
+    (any device: w4a4_linear(..., pow2_activations=True)) compute it; the Ampere/Ada kernels do
+    not (a layer set to POW2 there raises).
     Post-GELU (unsigned) inputs keep INT4 in either case.
     """
 
@@ -144,9 +146,16 @@ def w4a4_linear(
     act_unsigned: bool,
     group_size: int = 64,
     gelu_from: int | None = None,
+    pow2_activations: bool = False,
 ) -> torch.Tensor:
     """SVDQuant W4A4 linear on x [M, K] -> [M, N] in x.dtype (see nunchaku.quant.svdquant), with
-    GELU (tanh) on the output columns from gelu_from on."""
+    GELU (tanh) on the output columns from gelu_from on. pow2_activations: the activations in the
+    pow2 format (Sm90Activations.POW2; signed layers), as the Hopper kernels compute it."""
+    if pow2_activations:
+        if act_unsigned:
+            raise ValueError("the pow2 activation format is for signed layers only (post-GELU layers keep int4)")
+        return reference.w4a4_linear_pow2(x, qweight_packed, wscales, smooth, lora_down, lora_up, bias, group_size,
+                                          gelu_from)
     codes, scales, lora_act = reference.w4a4_quantize_act_fuse_lora(x, smooth, lora_down, act_unsigned, group_size)
     return reference.w4a4_gemm(codes, scales, qweight_packed, wscales, lora_act, lora_up, bias, x.dtype, group_size,
                                gelu_from)

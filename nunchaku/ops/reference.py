@@ -46,6 +46,34 @@ def w4a4_gemm(
     return gelu_columns(y.to(out_dtype), gelu_from)
 
 
+def w4a4_linear_pow2(
+    x: torch.Tensor,
+    qweight_packed: torch.Tensor,
+    wscales: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    bias: torch.Tensor,
+    group_size: int = 64,
+    gelu_from: int | None = None,
+) -> torch.Tensor:
+    """The W4A4 linear with the pow2 activation format (nunchaku.ops.Sm90Activations.POW2; signed
+    layers): x / smooth quantized per (token, 64-channel group) to integers in [-16, 16] times a
+    power of two, decoded from the e4m3 codes the Hopper kernels store
+    (sm90_layout.reference_quantize_act_pow2_sm90: the same values bit for bit), then the GEMM of
+    w4a4_gemm in float32. Any device: the format's numerics without a Hopper GPU."""
+    from .sm90_layout import GROUP, dequantize_act_sm90, reference_quantize_act_pow2_sm90
+
+    if group_size != GROUP:
+        raise ValueError(f"the pow2 activation format has groups of {GROUP} channels, the layer has {group_size}")
+    codes, scales, _ = reference_quantize_act_pow2_sm90(x, smooth, lora_down[:, :0])
+    a = dequantize_act_sm90(codes, scales).float()  # q * 2^e: exact in float32
+    w = dequantize_int4(unpack_int4_nibbles(qweight_packed, signed=True), wscales, group_size)
+    lora_act = x.float() @ lora_down.float()
+    y = a @ w.T + lora_act @ lora_up.float().T + bias.float()
+    return gelu_columns(y.to(x.dtype), gelu_from)
+
+
 def check_gelu_from(gelu_from: int | None, n: int) -> None:
     """The GEMMs apply their epilogue GELU from an even column in [0, N] (they handle column pairs)."""
     if gelu_from is not None and not (0 <= gelu_from <= n and gelu_from % 2 == 0):

@@ -212,3 +212,27 @@ def test_module_follows_the_activation_setting(monkeypatch):
     assert torch.equal(outputs["int4", True], outputs["pow2", True]), "unsigned layers stay int4"
     assert not torch.equal(outputs["int4", False], outputs["pow2", False])
     assert rel_err(outputs["pow2", False], exact) < rel_err(outputs["int4", False], exact)
+
+
+def test_module_on_the_gpu_matches_its_reference_path_on_the_cpu():
+    """A pow2 layer computes the same format on the Hopper kernels and on the reference path (CPU):
+    the same codes (bit-exact quantizer), so the outputs differ only by the GEMMs' summation
+    order and one bf16 rounding each."""
+    from nunchaku.nn.linear import SVDQW4A4Linear
+    from nunchaku.quant.svdquant import smoothing_factors, svdquant_decompose
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(384, 320, generator=gen) / 18
+    x = (torch.randn(2, 37, 320, generator=gen) * torch.logspace(-2, 1, 320)).to(torch.bfloat16)
+    q = svdquant_decompose(w, torch.randn(384, generator=gen), smoothing_factors(x.float().abs().amax((0, 1)), w, 0.5))
+    cpu = SVDQW4A4Linear.from_weights(q, torch.bfloat16)
+    cpu.sm90_activations = Sm90Activations.POW2
+    y_cpu = cpu(x).double()
+    gpu = SVDQW4A4Linear.from_weights(q, torch.bfloat16)
+    gpu.sm90_activations = Sm90Activations.POW2
+    gpu = gpu.cuda()
+    y_gpu = gpu(x.cuda()).double().cpu()
+    err = rel_err(y_gpu, y_cpu)
+    assert err < 5e-3, err  # two bf16 roundings apart at most (~2 x 2^-9 relative, element-wise)
+    cpu.sm90_activations = Sm90Activations.INT4
+    assert rel_err(y_gpu, cpu(x).double()) > 2 * err  # the int4 path is visibly another quantizer
