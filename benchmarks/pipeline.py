@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-samples", type=int, default=256)
     p.add_argument("--calib-inputs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--signed-post-gelu", action="store_true",
+                   help="quantize the post-GELU layers' activations signed (quant_plan(unsigned_fc2=False)), "
+                        "so that the pow2 variant covers them too")
     p.add_argument("--small", action="store_true", help="tiny shapes: a smoke check of the script, CPU too")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json")
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     report = {"device": device_name, "torch": torch.__version__, "steps": args.steps, "size": args.size,
+              "signed_post_gelu": args.signed_post_gelu,
               "kernels": "sm90 extension" if sm90.extension_available() else "reference",
               "rows": []}
 

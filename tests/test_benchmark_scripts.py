@@ -1,0 +1,44 @@
+"""The FLUX benchmark scripts' --small smoke modes on the CPU (reference path): they parse their
+flags, quantize, time and write their JSON. The figures themselves come from the H100
+(benchmarks/RESULTS.md); here only the scripts' plumbing is checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("signed_post_gelu", [False, True])
+def test_flux_step_small(tmp_path, signed_post_gelu):
+    out = tmp_path / "step.json"
+    argv = ["--small", "--device", "cpu", "--variants", "bf16", "int4", "--repeats", "1", "--warmup", "0",
+            "--calib-inputs", "1", "--alphas", "0.5", "--json", str(out)]
+    assert load_script("flux_step").main(argv + (["--signed-post-gelu"] if signed_post_gelu else [])) == 0
+    report = json.loads(out.read_text())
+    assert report["signed_post_gelu"] is signed_post_gelu
+    assert [row["variant"] for row in report["rows"]] == ["bf16", "int4"]
+    assert all(row["step_ms"] > 0 for row in report["rows"])
+    assert 0 < report["int4"]["output_rel_err"] < 0.5
+
+
+def test_pipeline_small(tmp_path):
+    out = tmp_path / "pipe.json"
+    argv = ["--small", "--device", "cpu", "--size", "128", "--steps", "2", "--variants", "bf16", "int4",
+            "--repeats", "1", "--warmup", "0", "--signed-post-gelu", "--json", str(out)]
+    assert load_script("pipeline").main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["signed_post_gelu"] is True
+    assert [row["variant"] for row in report["rows"]] == ["bf16", "int4"]
+    assert all(row["latency_s"] > 0 for row in report["rows"])
