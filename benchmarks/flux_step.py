@@ -236,6 +236,12 @@ def quantize_int4(model, calib_inputs: list[dict], args) -> dict:
     result = quantize_model(model, plan, calib.stats(), options)
     quantize_transformer_in_place(model, result)
     del result
+    from nunchaku.nn import set_sm90_activations
+    from nunchaku.ops import Sm90Activations
+
+    # The int4 rows measure the method's activations whatever NUNCHAKU_SM90_ACTIVATIONS says (the
+    # layers take it when created); the pow2 variants switch explicitly.
+    set_sm90_activations(model, Sm90Activations.INT4)
     _sync(args.device)
     return {"quantize_s": round(time.perf_counter() - start, 1),
             "quantize_peak_gib": round(_peak_gib(args.device), 2),

@@ -172,11 +172,12 @@ def test_pow2_layer_on_the_reference_path_computes_the_hopper_format():
     lw = layer.to_weights()  # the layer's float32 tensors
     codes, scales, _ = reference_quantize_act_pow2_sm90(x2, lw.smooth, lw.lora_down)
     a = dequantize_act_sm90(codes, scales)
-    v = x2.double() / lw.smooth.double()
-    # The decoded activations are q * 2^e with |q| <= 16, rounded to the nearest: within half a
-    # step of at most max/8 of their group.
-    half_step_bound = v.view(10, 6, 64).abs().amax(-1, keepdim=True) / 16
-    assert ((a - v).view(10, 6, 64).abs() <= half_step_bound).all()
+    # The format from its definition: per (token, group) the smallest e with 16 * 2^e >= max |v|,
+    # q = v / 2^e rounded half to even (every code exact here: groups within 2^13 of the token's
+    # largest).
+    v = (x2.double() / lw.smooth.double()).view(10, 6, 64)
+    e = torch.ceil(torch.log2(v.abs().amax(-1, keepdim=True) / 16))
+    assert torch.equal(a.view(10, 6, 64), torch.round(v / 2**e) * 2**e)
     w = dequantize_int4(lw.qweight, lw.wscales, 64)
     expected = (a.float() @ w.T + (x2 @ lw.lora_down) @ lw.lora_up.T + lw.bias).reshape(2, 5, 256)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
@@ -212,7 +213,15 @@ def test_pow2_unsigned_layer_keeps_int4_and_sm80_layout_refuses_pow2():
     x = torch.nn.functional.gelu(torch.randn(4, 320))
     y_int4 = layer(x)
     layer.sm90_activations = Sm90Activations.POW2
-    assert torch.equal(layer(x), y_int4)
+    assert torch.equal(layer(x), y_int4) and not layer.uses_pow2_activations
+    # The format's groups are 64 channels: a layer quantized in groups of 128 keeps int4 as well.
+    g128 = svdquant_decompose(torch.randn(256, 256) / 16, None, torch.ones(256),
+                              DecomposeOptions(rank=16, group_size=128))
+    wide = SVDQW4A4Linear.from_weights(g128, dtype=torch.float32)
+    x128 = torch.randn(4, 256)
+    y128 = wide(x128)
+    wide.sm90_activations = Sm90Activations.POW2
+    assert torch.equal(wide(x128), y128) and not wide.uses_pow2_activations
     with pytest.raises(ValueError, match="pow2 activation format is for signed layers only"):
         ops.w4a4_linear(x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up, layer.bias,
                         act_unsigned=True, pow2_activations=True)

@@ -134,7 +134,8 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
     sm90_activations: the activation format (nunchaku.ops.Sm90Activations; taken from
     NUNCHAKU_SM90_ACTIVATIONS when the module is created, and may be set directly): POW2 runs on
     the Hopper kernels and the reference path, not on the Ampere/Ada kernels (an error there);
-    unsigned layers always run INT4.
+    unsigned layers and layers whose group size is not 64 always run INT4
+    (uses_pow2_activations).
     """
 
     def __init__(
@@ -243,6 +244,13 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         )
 
     @property
+    def uses_pow2_activations(self) -> bool:
+        """Whether forward quantizes the activations in the pow2 format: set to POW2, signed, and
+        in groups of 64 channels (the format's; other layers keep int4, as unsigned ones do)."""
+        return (self.sm90_activations is ops.Sm90Activations.POW2 and not self.act_unsigned
+                and self.group_size == 64)
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         return self.lora_up.dtype
 
@@ -271,7 +279,7 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         lead = x.shape[:-1]
         lora_down, lora_up = self.lowrank_factors()
         x2 = x.reshape(-1, self.in_features)
-        pow2 = self.sm90_activations is ops.Sm90Activations.POW2 and not self.act_unsigned
+        pow2 = self.uses_pow2_activations
         if pow2 and self.weight_layout is WeightLayout.SM80:
             raise RuntimeError("this layer is set to the pow2 activation format (sm90_activations), which the "
                                "Ampere/Ada (sm80) W4A4 kernels do not implement; set it to 'int4' "
@@ -308,7 +316,8 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
 def set_sm90_activations(model: nn.Module, activations: ops.Sm90Activations | str) -> int:
     """Sets the activation format (nunchaku.ops.Sm90Activations, or its value "int4" / "pow2") of
     every SVDQW4A4Linear in `model`; returns how many layers it set. Unsigned (post-GELU) layers
-    keep int4 whatever the setting; pow2 runs on the Hopper kernels and the reference path."""
+    and layers with groups other than 64 keep int4 whatever the setting; pow2 runs on the Hopper
+    kernels and the reference path."""
     activations = ops.Sm90Activations(activations)
     count = 0
     for module in model.modules():
@@ -367,6 +376,13 @@ class AWQW4A16Linear(LowRankAdapters, nn.Module):
             self.wzeros.copy_(w.wzeros)
             if self.bias is not None:
                 self.bias.copy_(w.bias)
+
+    @property
+    def uses_pow2_activations(self) -> bool:
+        """Whether forward quantizes the activations in the pow2 format: set to POW2, signed, and
+        in groups of 64 channels (the format's; other layers keep int4, as unsigned ones do)."""
+        return (self.sm90_activations is ops.Sm90Activations.POW2 and not self.act_unsigned
+                and self.group_size == 64)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -75,7 +75,8 @@ class Sm90Activations(str, enum.Enum):
     one scale per token is applied in the epilogue). The Hopper kernels and the reference path
     (any device: w4a4_linear(..., pow2_activations=True)) compute it; the Ampere/Ada kernels do
     not (a layer set to POW2 there raises).
-    Post-GELU (unsigned) inputs keep INT4 in either case.
+    Post-GELU (unsigned) inputs, and layers quantized in groups other than 64, keep INT4 in
+    either case.
     """
 
     INT4 = "int4"

@@ -84,17 +84,17 @@ __device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpiloguePar
   for (int task = wg * 128 + tid; task < T::kTokens * blocks_per_row; task += kConsumerThreads) {
     const int row = task / blocks_per_row;
     const int o0 = row * row_bytes + (task - row * blocks_per_row) * block_units * 8;
-    float4 v[8];
+    uint4 v[8];  // loaded and stored as the same type, so no aliasing rule can reorder them
 #pragma unroll
     for (int q = 0; q < 8; ++q)
-      if (2 * q < block_units) v[q] = *reinterpret_cast<const float4*>(at(o0 + 16 * q));
+      if (2 * q < block_units) v[q] = *reinterpret_cast<const uint4*>(at(o0 + 16 * q));
     const int swz = swizzle(row);
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       if (2 * q >= block_units) continue;
       uint4 w;  // units 2q and 2q + 1 land together: the swizzle leaves bit 0 of u alone
-      split_hi_lo<kBf16>(v[q].x, v[q].y, w.x, w.y);
-      split_hi_lo<kBf16>(v[q].z, v[q].w, w.z, w.w);
+      split_hi_lo<kBf16>(__uint_as_float(v[q].x), __uint_as_float(v[q].y), w.x, w.y);
+      split_hi_lo<kBf16>(__uint_as_float(v[q].z), __uint_as_float(v[q].w), w.z, w.w);
       *reinterpret_cast<uint4*>(at(o0 + 8 * ((2 * q) ^ swz))) = w;
     }
   }
