@@ -89,3 +89,16 @@ def test_kernel_family_choice_is_validated(monkeypatch):
     assert ops.requested_w4a4_kernels() is ops.W4A4Kernels.SM80
     kernels, problem = ops.w4a4_kernel_problem(torch.device("cpu"), 128, 64, 32, ops.W4A4Kernels.SM80)
     assert kernels is None and "not a CUDA GPU" in problem
+
+
+def test_kernels_refuse_groups_other_than_64(monkeypatch):
+    """A layer quantized in groups of 128 stays on the reference path on a GPU with kernels (the
+    kernels' layouts and scales are per 64 channels), with the reason; 64 is accepted. The GPU
+    is simulated (no CUDA here): only the capability query is answered."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "simulated Hopper")
+    cuda = torch.device("cuda", 0)
+    kernels, problem = ops.w4a4_kernel_problem(cuda, 256, 256, 32, None, torch.bfloat16, group_size=128)
+    assert kernels is None and "groups of 64 channels, the layer's groups are 128" in problem
+    kernels, problem = ops.w4a4_kernel_problem(cuda, 256, 256, 32, None, torch.bfloat16, group_size=64)
+    assert problem is None or "nunchaku._C is not built" in problem  # the last check: the extension

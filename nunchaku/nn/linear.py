@@ -174,7 +174,7 @@ class SVDQW4A4Linear(LowRankAdapters, nn.Module):
         kernel family or the reference; see nunchaku.ops.w4a4_kernels_for). Called on every
         .to()/.cuda() and at creation."""
         kernels = ops.w4a4_kernels_for(self.qweight.device, self.out_features, self.in_features, self.rank,
-                                       self.compute_dtype)
+                                       self.compute_dtype, self.group_size)
         want = WeightLayout.NIBBLES if kernels is None else _LAYOUT_OF_KERNELS[kernels]
         if want is not self.weight_layout:
             self._set_layout(want)

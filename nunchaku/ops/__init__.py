@@ -90,10 +90,11 @@ def requested_sm90_activations() -> Sm90Activations:
 
 def w4a4_kernel_problem(device: torch.device, n: int, k: int, rank: int = 32,
                         kernels: W4A4Kernels | None = None,
-                        dtype: torch.dtype = torch.bfloat16) -> tuple[W4A4Kernels | None, str | None]:
-    """(the kernel family for a [N, K] layer with a rank-`rank` low-rank branch, computing in
-    `dtype`, on `device`, None) or (None, why no kernel can run it). `kernels` asks for one
-    family; None picks by GPU."""
+                        dtype: torch.dtype = torch.bfloat16,
+                        group_size: int = 64) -> tuple[W4A4Kernels | None, str | None]:
+    """(the kernel family for a [N, K] layer with a rank-`rank` low-rank branch, quantized in
+    groups of `group_size` channels, computing in `dtype`, on `device`, None) or (None, why no
+    kernel can run it). `kernels` asks for one family; None picks by GPU."""
     if device.type != "cuda":
         return None, f"the layer is on {device}, not a CUDA GPU"
     if dtype not in (torch.bfloat16, torch.float16):
@@ -114,6 +115,8 @@ def w4a4_kernel_problem(device: torch.device, n: int, k: int, rank: int = 32,
         return None, f"the sm80 W4A4 kernels need an sm_80 to sm_90 GPU, this is {name}"
     if n % 128 or k % 64:
         return None, f"the kernels need N % 128 == 0 and K % 64 == 0, the layer is N={n}, K={k}"
+    if group_size != 64:
+        return None, f"the kernels quantize in groups of 64 channels, the layer's groups are {group_size}"
     if rank < 16 or rank % 16 or rank > 128:
         return None, f"the kernels need a low-rank branch of rank 16, 32, ..., 128, the layer has rank {rank}"
     from .extension import extension_available
@@ -124,13 +127,13 @@ def w4a4_kernel_problem(device: torch.device, n: int, k: int, rank: int = 32,
 
 
 def w4a4_kernels_for(device: torch.device, n: int, k: int, rank: int = 32,
-                     dtype: torch.dtype = torch.bfloat16) -> W4A4Kernels | None:
+                     dtype: torch.dtype = torch.bfloat16, group_size: int = 64) -> W4A4Kernels | None:
     """Which kernels a layer on `device` should run (None: the reference), per NUNCHAKU_BACKEND
     and NUNCHAKU_W4A4_KERNELS."""
     backend = requested_backend()
     if backend is Backend.REFERENCE:
         return None
-    kernels, problem = w4a4_kernel_problem(device, n, k, rank, requested_w4a4_kernels(), dtype)
+    kernels, problem = w4a4_kernel_problem(device, n, k, rank, requested_w4a4_kernels(), dtype, group_size)
     if backend is Backend.CUDA and problem is not None:
         raise RuntimeError(f"NUNCHAKU_BACKEND=cuda, but {problem}")
     return kernels
