@@ -212,6 +212,14 @@ def block_outputs(model, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor
     return captured, out
 
 
+def errors_vs_reference(model, inputs: dict, reference_blocks: list[torch.Tensor],
+                        reference_out: torch.Tensor) -> dict:
+    """The relative error of every block's output and of the model output against the reference's."""
+    blocks, out = block_outputs(model, inputs)
+    return {"block_rel_err": [round(rel(q, r), 5) for q, r in zip(blocks, reference_blocks, strict=True)],
+            "output_rel_err": round(rel(out, reference_out), 5)}
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -348,11 +356,7 @@ def main(argv=None) -> int:
             calib = [step_inputs(1, 1000 + i, config, tokens, args.device) for i in range(args.calib_inputs)]
             report["int4"].update(quantize_int4(model, calib, args))
             del calib
-            blocks, out = block_outputs(model, inputs[b0])
-            report["int4"]["block_rel_err"] = [round(rel(q, r), 5)
-                                               for q, r in zip(blocks, reference_blocks, strict=True)]
-            report["int4"]["output_rel_err"] = round(rel(out, reference_out), 5)
-            del blocks, out
+            report["int4"].update(errors_vs_reference(model, inputs[b0], reference_blocks, reference_out))
             if not wanted & {"int4-pow2", "int4-pow2-graph"}:
                 del reference_blocks, reference_out
             if args.device.startswith("cuda"):
@@ -372,12 +376,10 @@ def main(argv=None) -> int:
                 from nunchaku.ops import Sm90Activations
 
                 set_sm90_activations(model, Sm90Activations.POW2)
-                blocks, out = block_outputs(model, inputs[b0])
-                report["int4"]["pow2_block_rel_err"] = [round(rel(q, r), 5)
-                                                        for q, r in zip(blocks, reference_blocks, strict=True)]
-                report["int4"]["pow2_output_rel_err"] = round(rel(out, reference_out), 5)
+                pow2_errors = errors_vs_reference(model, inputs[b0], reference_blocks, reference_out)
+                report["int4"].update({f"pow2_{key}": value for key, value in pow2_errors.items()})
+                del reference_blocks, reference_out
                 print({"pow2_output_rel_err": report["int4"]["pow2_output_rel_err"]}, flush=True)
-                del blocks, out
                 if "int4-pow2" in wanted:
                     record("int4-pow2", model)
                 if args.profile and args.device.startswith("cuda"):

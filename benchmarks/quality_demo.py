@@ -34,11 +34,10 @@ from nunchaku.demo.checker import pass_rates  # noqa: E402
 from nunchaku.demo.scenes import held_out_prompts  # noqa: E402
 from nunchaku.demo.variants import (  # noqa: E402
     DEMO_SAMPLING, POW2_VARIANTS, DemoSampling, DemoVariant, calibration_prompts, quantize_demo_transformer,
+    set_variant_activations,
 )
 from nunchaku.apps.common import compute_dtype  # noqa: E402
 from nunchaku.pipelines import flux as nunchaku_flux  # noqa: E402
-from nunchaku.nn.linear import set_sm90_activations  # noqa: E402
-from nunchaku.ops import Sm90Activations  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo"
 
@@ -49,10 +48,9 @@ def load_variant(model: Path, variant: DemoVariant, args, sampling: DemoSampling
     uses_shipped = variant in (DemoVariant.SVDQUANT_INT4, DemoVariant.SVDQUANT_POW2)
     if uses_shipped and shipped.is_dir() and not args.requantize:
         pipe = nunchaku_flux.from_pretrained(model, torch_dtype=compute_dtype(device), qmodel_path=shipped)
+        set_variant_activations(pipe.transformer, variant)
         origin = f"shipped checkpoint {shipped.name}"
-        pow2 = variant is DemoVariant.SVDQUANT_POW2
-        set_sm90_activations(pipe.transformer, Sm90Activations.POW2 if pow2 else Sm90Activations.INT4)
-        if pow2:
+        if variant is DemoVariant.SVDQUANT_POW2:
             origin += ", pow2 activations on its signed layers"
         return pipe.to(device), origin
     pipe = nunchaku_flux.from_pretrained(model, torch_dtype=compute_dtype(device)).to(device)

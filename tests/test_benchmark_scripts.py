@@ -23,14 +23,17 @@ def test_flux_step_small(tmp_path):
     reports = {}
     for signed_post_gelu in (False, True):
         out = tmp_path / f"step_{signed_post_gelu}.json"
-        argv = ["--small", "--device", "cpu", "--variants", "bf16", "int4", "--repeats", "1", "--warmup", "0",
-                "--calib-inputs", "1", "--alphas", "0.5", "--json", str(out)]
+        argv = ["--small", "--device", "cpu", "--variants", "bf16", "int4", "int4-pow2", "--repeats", "1",
+                "--warmup", "0", "--calib-inputs", "1", "--alphas", "0.5", "--json", str(out)]
         assert load_script("flux_step").main(argv + (["--signed-post-gelu"] if signed_post_gelu else [])) == 0
         reports[signed_post_gelu] = report = json.loads(out.read_text())
         assert report["signed_post_gelu"] is signed_post_gelu
-        assert [row["variant"] for row in report["rows"]] == ["bf16", "int4"]
+        assert [row["variant"] for row in report["rows"]] == ["bf16", "int4", "int4-pow2"]
         assert all(row["step_ms"] > 0 for row in report["rows"])
         assert 0 < report["int4"]["output_rel_err"] < 0.5
+        # pow2 runs on the reference path here; its errors are measured on the same weights
+        assert 0 < report["int4"]["pow2_output_rel_err"] < 0.5
+        assert len(report["int4"]["pow2_block_rel_err"]) == len(report["int4"]["block_rel_err"])
     # The flag reaches the quantization: the post-GELU layers' activations are quantized otherwise.
     assert reports[True]["int4"]["output_rel_err"] != reports[False]["int4"]["output_rel_err"]
 

@@ -112,7 +112,12 @@ def quantize_demo_transformer(
             set_submodule(transformer, name, AWQW4A16Linear.from_weights(weights.to(device=device), dtype=dtype))
     else:
         quantize_transformer_in_place(transformer, result)
-        # Explicitly: the new layers took NUNCHAKU_SM90_ACTIVATIONS's format when created.
-        pow2 = variant in POW2_VARIANTS
-        set_sm90_activations(transformer, Sm90Activations.POW2 if pow2 else Sm90Activations.INT4)
+        set_variant_activations(transformer, variant)
     return result.reports
+
+
+def set_variant_activations(transformer, variant: DemoVariant) -> None:
+    """The activation format `variant` stands for, set on every W4A4 layer explicitly (they take
+    NUNCHAKU_SM90_ACTIVATIONS's when created)."""
+    pow2 = variant in POW2_VARIANTS
+    set_sm90_activations(transformer, Sm90Activations.POW2 if pow2 else Sm90Activations.INT4)

@@ -378,13 +378,6 @@ class AWQW4A16Linear(LowRankAdapters, nn.Module):
                 self.bias.copy_(w.bias)
 
     @property
-    def uses_pow2_activations(self) -> bool:
-        """Whether forward quantizes the activations in the pow2 format: set to POW2, signed, and
-        in groups of 64 channels (the format's; other layers keep int4, as unsigned ones do)."""
-        return (self.sm90_activations is ops.Sm90Activations.POW2 and not self.act_unsigned
-                and self.group_size == 64)
-
-    @property
     def compute_dtype(self) -> torch.dtype:
         return self.wscales.dtype
 

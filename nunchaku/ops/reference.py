@@ -41,6 +41,11 @@ def w4a4_gemm(
     qweight_packed uint8 [N, K/2] (nibble-packed signed codes), wscales [N, K/G],
     lora_act float32 [M, R], lora_up [N, R], bias [N]."""
     a = dequantize_int4(act_codes, act_scales, group_size)
+    return _gemm_dequantized_act(a, qweight_packed, wscales, lora_act, lora_up, bias, out_dtype, group_size, gelu_from)
+
+
+def _gemm_dequantized_act(a, qweight_packed, wscales, lora_act, lora_up, bias, out_dtype, group_size, gelu_from):
+    """w4a4_gemm from the activations' values a float32 [M, K], whatever format they came from."""
     w = dequantize_int4(unpack_int4_nibbles(qweight_packed, signed=True), wscales, group_size)
     y = a @ w.T + lora_act.float() @ lora_up.float().T + bias.float()
     return gelu_columns(y.to(out_dtype), gelu_from)
@@ -62,16 +67,13 @@ def w4a4_linear_pow2(
     power of two, decoded from the e4m3 codes the Hopper kernels store
     (sm90_layout.reference_quantize_act_pow2_sm90: the same values bit for bit), then the GEMM of
     w4a4_gemm in float32. Any device: the format's numerics without a Hopper GPU."""
-    from .sm90_layout import GROUP, dequantize_act_sm90, reference_quantize_act_pow2_sm90
+    from .sm90_layout import GROUP, dequantize_act_sm90, reference_quantize_act_pow2_codes
 
     if group_size != GROUP:
         raise ValueError(f"the pow2 activation format has groups of {GROUP} channels, the layer has {group_size}")
-    codes, scales, _ = reference_quantize_act_pow2_sm90(x, smooth, lora_down[:, :0])
-    a = dequantize_act_sm90(codes, scales).float()  # q * 2^e: exact in float32
-    w = dequantize_int4(unpack_int4_nibbles(qweight_packed, signed=True), wscales, group_size)
+    a = dequantize_act_sm90(*reference_quantize_act_pow2_codes(x, smooth)).float()  # q * 2^e: exact in float32
     lora_act = x.float() @ lora_down.float()
-    y = a @ w.T + lora_act @ lora_up.float().T + bias.float()
-    return gelu_columns(y.to(x.dtype), gelu_from)
+    return _gemm_dequantized_act(a, qweight_packed, wscales, lora_act, lora_up, bias, x.dtype, group_size, gelu_from)
 
 
 def check_gelu_from(gelu_from: int | None, n: int) -> None:

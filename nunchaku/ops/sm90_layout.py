@@ -203,6 +203,13 @@ def reference_quantize_act_pow2_sm90(
     """Reference of ``nunchaku::w4a4_quantize_act_pow2_sm90`` (the pow2 format, see the module
     docstring): ``(act_codes uint8 [M, K], act_scales float32 [M_pad], lora_act float32 [M, R])``,
     bit for bit what the op computes (lora_act in float64, rounded to fp32)."""
+    codes, scales = reference_quantize_act_pow2_codes(x, smooth)
+    lora_act = (x.to(torch.float64) @ lora_down.to(torch.float64)).to(torch.float32)
+    return codes, scales, lora_act
+
+
+def reference_quantize_act_pow2_codes(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantization part of reference_quantize_act_pow2_sm90: ``(act_codes, act_scales)``."""
     m, k = x.shape
     g = k // GROUP
     v = (x.to(torch.float32) / smooth.to(torch.float32)).view(m, g, GROUP)
@@ -214,8 +221,7 @@ def reference_quantize_act_pow2_sm90(
     codes = (q * exp2_int(e - t[:, None] + shift)[..., None]).view(m, k).to(torch.float8_e4m3fn).view(torch.uint8)
     scales = torch.zeros(scale_rows_padded(m), dtype=torch.float32, device=x.device)
     scales[:m] = exp2_int(t - shift)
-    lora_act = (x.to(torch.float64) @ lora_down.to(torch.float64)).to(torch.float32)
-    return codes, scales, lora_act
+    return codes, scales
 
 
 def dequantize_act_sm90(act_codes: torch.Tensor, act_scales: torch.Tensor) -> torch.Tensor:
