@@ -8,9 +8,10 @@
 #   and a top-40 summary): NUNCHAKU_NCU_KERNELS (regexes, default "w4a4_gemm") at NUNCHAKU_NCU_SHAPE
 #   ("M K N", default "4608 3072 3072"); several kernels: NUNCHAKU_NCU_KERNELS="w4a4_gemm quantize_act";
 #   NUNCHAKU_NCU_POW2=1 profiles the pow2 activation format's kernels instead.
-#   NUNCHAKU_AB="name=SPEC ..." bash benchmarks/device_run.sh ...   (A/B of the GEMM alone)
-# NUNCHAKU_AB lists other builds to time against the tree's in the same call (gemm.py --gemm-only --pow2 at
-# M = 256, 1024, 4608): SPEC is comma-separated -D flags (e.g. -DNUNCHAKU_GEMM_CLUSTER_M=1) or
+#   NUNCHAKU_AB="name=SPEC ..." bash benchmarks/device_run.sh ...   (A/B of the GEMM and the quantizer alone)
+# NUNCHAKU_AB lists other builds to time against the tree's in the same call (gemm.py --gemm-only --pow2 --quant at
+# M = 256, 1024, 4608, or NUNCHAKU_AB_MS; other gemm.py arguments in NUNCHAKU_AB_ARGS, e.g.
+# "--quant-only --pow2"): SPEC is comma-separated -D flags (e.g. -DNUNCHAKU_GEMM_CLUSTER_M=1) or
 # @DIR, another copy of csrc/ (e.g. `git archive` of an older commit, carried in an ignored folder).
 # They build in the background while the tests run.
 # Carry `.whl` (pytest, diffusers and their dependencies' wheels): they are installed first.
@@ -175,11 +176,11 @@ if [ "${#AB_NAMES[@]}" -gt 0 ]; then
   wait  # the A/B builds
   SO=$(ls nunchaku/_C*.so | head -1)
   cp "$SO" /tmp/tree_C.so
-  { echo "== A/B: tree"; timeout 200 python3 benchmarks/gemm.py --gemm-only --check --pow2 --ms 256 1024 4608; } 2>&1 | tee "$OUT/ab.log"
+  { echo "== A/B: tree"; timeout 260 python3 benchmarks/gemm.py ${NUNCHAKU_AB_ARGS:---gemm-only --check --pow2 --quant} --ms ${NUNCHAKU_AB_MS:-256 1024 4608}; } 2>&1 | tee "$OUT/ab.log"
   for name in "${AB_NAMES[@]}"; do
     if [ -f "build/_C_ab_$name/_C.so" ]; then
       cp "build/_C_ab_$name/_C.so" "$SO"
-      { echo "== A/B: $name"; timeout 200 python3 benchmarks/gemm.py --gemm-only --check --pow2 --ms 256 1024 4608; } 2>&1 | tee -a "$OUT/ab.log"
+      { echo "== A/B: $name"; timeout 260 python3 benchmarks/gemm.py ${NUNCHAKU_AB_ARGS:---gemm-only --check --pow2 --quant} --ms ${NUNCHAKU_AB_MS:-256 1024 4608}; } 2>&1 | tee -a "$OUT/ab.log"
     else
       echo "== A/B: $name: no library (see build_ab_$name.log)" | tee -a "$OUT/ab.log"
     fi
@@ -191,13 +192,13 @@ runs, cur = {}, None
 for line in open(sys.argv[1]):
     if line.startswith("== A/B: "):
         cur = line[8:].strip(); runs[cur] = {}
-    m = re.match(r"gemm-only( pow2)? M=(\d+) K=(\d+) N=(\d+): ([\d.]+) us", line)
+    m = re.match(r"(gemm|quant)-only( pow2)? M=(\d+) K=(\d+) N=([\d-]+): ([\d.]+) us", line)
     if m and cur:
-        runs[cur][("pow2" if m.group(1) else "int4",) + m.groups()[1:4]] = float(m.group(5))
+        runs[cur][(m.group(1), "pow2" if m.group(2) else "int4") + m.groups()[2:5]] = float(m.group(6))
 names = list(runs)
 shapes = list(runs.get("tree", {}))
-print("| format | M | K | N | " + " | ".join(f"{n} µs" for n in names) + " |")
-print("|" + "---|" * (4 + len(names)))
+print("| kernel | format | M | K | N | " + " | ".join(f"{n} µs" for n in names) + " |")
+print("|" + "---|" * (5 + len(names)))
 for sh in shapes:
     print("| " + " | ".join(sh) + " | " + " | ".join(f"{runs[n].get(sh, float('nan')):.1f}" for n in names) + " |")
 PY

@@ -158,6 +158,15 @@ def gemm_only(m: int, k: int, n: int, pow2: bool = False) -> float:
     return bench(lambda i: sm90.w4a4_gemm_sm90(c, s, wp, wsp, la, lora_up, bias), 1)
 
 
+def quant_only(m: int, k: int, pow2: bool = False) -> float:
+    """The activation quantizer alone (rank 32), inputs rotated through more than L2 holds."""
+    n_sets = sets_for(3 * m * k)
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
+    smooth = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+    lora_down = (torch.randn(k, RANK, device="cuda") / k**0.5).to(torch.bfloat16)
+    return bench(lambda i: quantize_for(pow2)(xs[i], smooth, lora_down), n_sets)
+
+
 def check_gemm(m: int, k: int, n: int, pow2: bool = False) -> str:
     """Our GEMM against the float64 reference: relative error and that of rounding alone."""
     x, smooth, lora_down, lora_up, bias, wp, wsp = random_layer(m, k, n)
@@ -188,6 +197,10 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="with --gemm-only: first compare against the reference")
     ap.add_argument("--pow2", action="store_true",
                     help="with --gemm-only: also time the pow2 activation format; with --profile: run it")
+    ap.add_argument("--quant", action="store_true",
+                    help="with --gemm-only: also time the activation quantizer alone at each M and K")
+    ap.add_argument("--quant-only", action="store_true",
+                    help="like --gemm-only --quant without the GEMM timings (quantizer A/B builds)")
     ap.add_argument("--profile", type=int, nargs=3, metavar=("M", "K", "N"), default=None,
                     help="run quantize + GEMM of one shape a few times (for ncu) and exit")
     args = ap.parse_args()
@@ -197,6 +210,8 @@ def main() -> int:
     if args.profile:
         profile_once(*args.profile, pow2=args.pow2)
         return 0
+    if args.quant_only:
+        args.gemm_only = args.quant = True
     if args.gemm_only:
         formats = [False, True] if args.pow2 else [False]
         if args.check:
@@ -204,11 +219,18 @@ def main() -> int:
                 for m, k, n in [(1000, 3072, 3072), (257, 320, 384), (4608, 12288, 3072)]:
                     print(check_gemm(m, k, n, pow2), flush=True)
         for m in args.ms:
-            for k, n in KNS:
+            for k, n in [] if args.quant_only else KNS:
                 for pow2 in formats:
                     us = gemm_only(m, k, n, pow2)
                     print(f"gemm-only{' pow2' if pow2 else ''} M={m} K={k} N={n}: {us:.1f} us, "
                           f"{2 * m * n * k / us / 1e6:.0f} TOPS", flush=True)
+            if args.quant:
+                for k in sorted({k for k, _ in KNS}):
+                    for pow2 in formats:
+                        us = quant_only(m, k, pow2)
+                        # x read once, one code byte written per element (the floor's traffic).
+                        print(f"quant-only{' pow2' if pow2 else ''} M={m} K={k} N=-: {us:.1f} us, "
+                              f"{3 * m * k / us / 1e3:.0f} GB/s", flush=True)
         return 0
     print(torch.cuda.get_device_name(), torch.__version__)
     rows = []

@@ -101,35 +101,71 @@ struct QuantSmem {
   // The group's 64 smoothing factors ride the same ring (a global load per group sat in front of
   // the quantization: 9% of the kernel's stall samples).
   alignas(16) uint16_t smooth[kStages][kGroup];
-  float lora_half[kRowsPerCta][kRank];  // partial sums of the second k half, then of the CTA
+  union {
+    // In the loop: each warp's reciprocals of the current group's 64 smoothing factors. A warp
+    // computes them once (two per lane) where every thread used to compute its own 16, 32 times
+    // over per CTA; those correctly rounded reciprocals, each behind a branch to its slow path,
+    // were half the loop. (Sharing the space keeps five CTAs on an SM with the pow2 format's
+    // exponents at K = 12288.)
+    float smooth_rcp[kThreads / 32][kGroup];
+    // After it: the partial sums of the second k half, then of the CTA.
+    float lora_half[kRowsPerCta][kRank];
+  };
   int token_exp[kRowsPerCta];           // pow2 format: this CTA's largest group exponent per row
 };
 
+// One thread's share of the copies of successive groups into the ring: the smoothing factors
+// (threads 0-7), two 16-byte chunks of the x tile (rows past M zero-filled) and R/16 chunks of the
+// lora_down slice. The source pointers are loop-carried and advance one group per call: worked
+// out from the group index each time, the addresses were a fifth of the loop's instructions.
 template <int kRank>
-__device__ __forceinline__ void load_group(QuantSmem<kRank>& sm, int slot, int g, const uint16_t* __restrict__ x,
-                                           int64_t x_ld, const uint16_t* __restrict__ smooth,
-                                           const uint16_t* __restrict__ lora_down, int m0, int M) {
-  const int t = threadIdx.x;
-  if (t < kGroup / 8) ptx::cp_async_16(&sm.smooth[slot][t * 8], smooth + g * kGroup + t * 8, true);
-  // x tile: 32 rows x 8 chunks of 16 bytes; rows past M are zero-filled.
+struct GroupLoader {
+  static constexpr int kChunksPerRow = kRank / 8;
+  static constexpr int kXChunks = kRowsPerCta * 8 / kThreads;
+  static constexpr int kLdChunks = kGroup * kChunksPerRow / kThreads;
+  const uint16_t* x_src[kXChunks];
+  const uint16_t* ld_src;
+  const uint16_t* smooth_src;
+  uint32_t x_fill;  // bit i: chunk i's row is below M
+
+  __device__ __forceinline__ GroupLoader(const uint16_t* __restrict__ x, int64_t x_ld,
+                                         const uint16_t* __restrict__ smooth,
+                                         const uint16_t* __restrict__ lora_down, int m0, int M, int g) {
+    const int t = threadIdx.x;
+    x_fill = 0;
 #pragma unroll
-  for (int i = 0; i < kRowsPerCta * 8 / kThreads; ++i) {
-    const int c = t + kThreads * i;
-    const int row = c / 8, chunk = c % 8;
-    const bool ok = m0 + row < M;
-    ptx::cp_async_16(&sm.x[slot][row * kXPitch + chunk * 8],
-                     x + (ok ? m0 + row : 0) * x_ld + g * kGroup + chunk * 8, ok);
+    for (int i = 0; i < kXChunks; ++i) {
+      const int c = t + kThreads * i;
+      const int row = c / 8, chunk = c % 8;
+      const bool ok = m0 + row < M;
+      x_fill |= ok ? 1u << i : 0u;
+      x_src[i] = x + (ok ? m0 + row : 0) * x_ld + g * kGroup + chunk * 8;
+    }
+    ld_src = lora_down + static_cast<int64_t>(g) * kGroup * kRank + t * 8;
+    smooth_src = smooth + g * kGroup + t * 8;
   }
-  // lora_down rows of the group: 64 x R/8 chunks.
-  constexpr int kChunksPerRow = kRank / 8;
+
+  // Copies the next group into ring slot `slot` and moves on to the group after it.
+  __device__ __forceinline__ void load_next(QuantSmem<kRank>& sm, int slot) {
+    const int t = threadIdx.x;
+    if (t < kGroup / 8) ptx::cp_async_16(&sm.smooth[slot][0] + t * 8, smooth_src, true);
 #pragma unroll
-  for (int i = 0; i < kGroup * kChunksPerRow / kThreads; ++i) {
-    const int c = t + kThreads * i;
-    const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
-    ptx::cp_async_16(&sm.lora_down[slot][row * QuantSmem<kRank>::kLdPitch + chunk * 8],
-                     lora_down + static_cast<int64_t>(g * kGroup + row) * kRank + chunk * 8, true);
+    for (int i = 0; i < kXChunks; ++i) {
+      const int c = t + kThreads * i;
+      ptx::cp_async_16(&sm.x[slot][(c / 8) * kXPitch + (c % 8) * 8], x_src[i], (x_fill >> i) & 1u);
+      x_src[i] += kGroup;
+    }
+    // The group's lora_down rows are contiguous: chunk c of the slice starts at element 8 c.
+#pragma unroll
+    for (int i = 0; i < kLdChunks; ++i) {
+      const int c = t + kThreads * i;
+      ptx::cp_async_16(&sm.lora_down[slot][(c / kChunksPerRow) * QuantSmem<kRank>::kLdPitch + (c % kChunksPerRow) * 8],
+                       ld_src + i * kThreads * 8, true);
+    }
+    ld_src += kGroup * kRank;
+    smooth_src += kGroup;
   }
-}
+};
 
 // pow2 format, once the token exponent t of this thread's row is known: rewrites the thread's own
 // provisional int8 codes (16 per group, written by this same thread) as the e4m3 bytes of
@@ -209,9 +245,10 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
 #pragma unroll
     for (int j = 0; j < 4; ++j) lacc[i][j] = 0.f;
 
+  GroupLoader<kRank> loader(x, x_ld, smooth, lora_down, m0, M, g_begin);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < g_count) load_group(sm, s, g_begin + s, x, x_ld, smooth, lora_down, m0, M);
+    if (s < g_count) loader.load_next(sm, s);
     ptx::cp_async_commit();
   }
 
@@ -220,12 +257,44 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // group g landed for all; the slot of group g-1 is free to refill
     if (gi + kStages - 1 < g_count)
-      load_group(sm, (gi + kStages - 1) % kStages, g + kStages - 1, x, x_ld, smooth, lora_down, m0, M);
+      loader.load_next(sm, (gi + kStages - 1) % kStages);
     ptx::cp_async_commit();
     const int slot = gi % kStages;
 
+    float* rcp = sm.smooth_rcp[warp];
+    {
+      const float2 f = H::to_float2(reinterpret_cast<const uint32_t*>(sm.smooth[slot])[lane]);
+      *reinterpret_cast<float2*>(&rcp[2 * lane]) = make_float2(__frcp_rn(f.x), __frcp_rn(f.y));
+    }
+
+    // ---- low-rank down projection on the raw x, issued before the quantization so that it covers
+    // the reciprocals' latency: A fragments by ldmatrix from the x tile, B fragments by
+    // ldmatrix.trans from the lora_down slice (stored [k][r]).
+    const uint32_t x_base = ptx::smem_addr(&sm.x[slot][0]);
+    const uint32_t ld_base = ptx::smem_addr(&sm.lora_down[slot][0]);
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int k16 = 16 * (2 * kh + ks);
+      uint32_t a[4];
+      ptx::ldmatrix_x4(a, x_base + 2 * ((16 * mb + (lane & 15)) * kXPitch + k16 + 8 * (lane >> 4)));
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; nt += 2) {
+        const int k = k16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        const int n = (nt + (lane >> 4)) * 8;
+        uint32_t b[4];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                     : "r"(ld_base + 2 * (k * QuantSmem<kRank>::kLdPitch + n)));
+        ptx::mma_m16n8k16<kBf16>(lacc[nt], a, b[0], b[1]);
+        ptx::mma_m16n8k16<kBf16>(lacc[nt + 1], a, b[2], b[3]);
+      }
+    }
+
+    __syncwarp();
+
     // ---- quantization: 16 channels of one row per thread
     uint32_t xw[8], sw[8];
+    float rs[16];
     {
       const uint4* xs = reinterpret_cast<const uint4*>(&sm.x[slot][q_row * kXPitch + quarter * 16]);
       const uint4 x0 = xs[0], x1 = xs[1];
@@ -233,6 +302,11 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
       const uint4 s0 = sp[0], s1 = sp[1];
       xw[0] = x0.x; xw[1] = x0.y; xw[2] = x0.z; xw[3] = x0.w; xw[4] = x1.x; xw[5] = x1.y; xw[6] = x1.z; xw[7] = x1.w;
       sw[0] = s0.x; sw[1] = s0.y; sw[2] = s0.z; sw[3] = s0.w; sw[4] = s1.x; sw[5] = s1.y; sw[6] = s1.z; sw[7] = s1.w;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float4 r4 = reinterpret_cast<const float4*>(&rcp[quarter * 16])[j];
+        rs[4 * j] = r4.x; rs[4 * j + 1] = r4.y; rs[4 * j + 2] = r4.z; rs[4 * j + 3] = r4.w;
+      }
     }
     float v[16];
     float amax = 0.f;
@@ -244,8 +318,8 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
         fx.x += 0.171875f;
         fx.y += 0.171875f;
       }
-      v[2 * i] = div_rn(fx.x, fs.x, __frcp_rn(fs.x));
-      v[2 * i + 1] = div_rn(fx.y, fs.y, __frcp_rn(fs.y));
+      v[2 * i] = div_rn(fx.x, fs.x, rs[2 * i]);
+      v[2 * i + 1] = div_rn(fx.y, fs.y, rs[2 * i + 1]);
       amax = fmaxf(amax, fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1])));
     }
     // The 4 lanes of a quad hold the 64 channels of one row.
@@ -300,31 +374,11 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
     }
     // Rows in [M, m_pad) get scale 0: the GEMMs multiply their (zero) codes by it.
     if (!kPow2 && quarter == 0) scales[static_cast<int64_t>(g) * m_pad + row] = row_ok ? scale : 0.f;
-
-    // ---- low-rank down projection on the raw x: A fragments by ldmatrix from the x tile, B
-    // fragments by ldmatrix.trans from the lora_down slice (stored [k][r]).
-    const uint32_t x_base = ptx::smem_addr(&sm.x[slot][0]);
-    const uint32_t ld_base = ptx::smem_addr(&sm.lora_down[slot][0]);
-#pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {
-      const int k16 = 16 * (2 * kh + ks);
-      uint32_t a[4];
-      ptx::ldmatrix_x4(a, x_base + 2 * ((16 * mb + (lane & 15)) * kXPitch + k16 + 8 * (lane >> 4)));
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; nt += 2) {
-        const int k = k16 + ((lane >> 3) & 1) * 8 + (lane & 7);
-        const int n = (nt + (lane >> 4)) * 8;
-        uint32_t b[4];
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                     : "r"(ld_base + 2 * (k * QuantSmem<kRank>::kLdPitch + n)));
-        ptx::mma_m16n8k16<kBf16>(lacc[nt], a, b[0], b[1]);
-        ptx::mma_m16n8k16<kBf16>(lacc[nt + 1], a, b[2], b[3]);
-      }
-    }
   }
 
-  // Deterministic: the second k half parks its partial sums, the first adds its own to them.
+  // Deterministic: the second k half parks its partial sums, the first adds its own to them (once
+  // every warp is past the loop: the partial sums share space with the reciprocals).
+  __syncthreads();
   const int r_a = lane / 4, c0 = 2 * (lane % 4);
   float (*part)[kRank] = sm.lora_half;
   if (kh == 1) {
@@ -391,15 +445,19 @@ __global__ void __launch_bounds__(kThreads) quantize_act_kernel(
 // How many ways to split K: the fewest CTAs per cluster (1, 2, 4 or 8) that give every SM
 // at least NUNCHAKU_QUANT_CTAS_PER_SM CTAs (4 warps each), never more ways than groups (an
 // uneven split may leave the last CTA without groups: it then adds zeros); 1 where clusters do
-// not exist (before sm_90). Measured on the H100 at M = 4608, K = 3072: 4 CTAs
-// per SM (K split 4 ways) 43 µs, 8 (8 ways) 58 µs, no split 79 µs.
+// not exist (before sm_90); and more ways while a CTA would walk more than 32 groups. Measured on
+// the H100 at M = 4608 (session 3, K = 3072): 4 CTAs per SM (K split 4 ways) 43 µs, 8 (8 ways)
+// 58 µs, no split 79 µs; (session 10, after the reciprocals left the loop) 4 ways against 8:
+// K = 3072 36.0 / 37.4 µs, K = 12288 102.1 / 98.1, K = 15360 122.5 / 118.3 (int4; pow2 alike).
 #ifndef NUNCHAKU_QUANT_CTAS_PER_SM
 #define NUNCHAKU_QUANT_CTAS_PER_SM 4
 #endif
+constexpr int kMaxGroupsPerSplit = 32;
 int k_splits(int row_blocks, int G, bool clusters, int sms) {
   if (!clusters) return 1;
   int s = 1;
   while (s < 8 && row_blocks * s < NUNCHAKU_QUANT_CTAS_PER_SM * sms && G / (2 * s) >= 1) s *= 2;
+  while (s < 8 && G / s > kMaxGroupsPerSplit) s *= 2;
   return s;
 }
 
