@@ -74,7 +74,9 @@ __device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpiloguePar
   // the fragment loads below, 4 rows x 4 units per half warp, hit 16 different bank pairs: rows
   // of 16-unit multiples (R % 32 == 0) flip bits 2-3 by row % 4, the others (R % 32 == 16, rows
   // 8 units off each other's banks) bit 2 by (row / 2) % 2. A thread reads its whole block before
-  // it writes it back, so the pass needs no barrier inside.
+  // it writes it back, so the pass needs no barrier inside. Thread i of a warp starts at 16-byte
+  // chunk i of its block and goes round: neighbouring threads own neighbouring rows (or blocks),
+  // so in step order all of them would hit the same banks.
   const int row_bytes = 4 * p.R;
   const bool wide_blocks = p.R % 32 == 0;
   const int block_units = wide_blocks ? 16 : 8;
@@ -84,18 +86,20 @@ __device__ __forceinline__ void epilogue(typename T::Smem& sm, const EpiloguePar
   for (int task = wg * 128 + tid; task < T::kTokens * blocks_per_row; task += kConsumerThreads) {
     const int row = task / blocks_per_row;
     const int o0 = row * row_bytes + (task - row * blocks_per_row) * block_units * 8;
+    const int chunks = block_units / 2, rotation = task;
     uint4 v[8];  // loaded and stored as the same type, so no aliasing rule can reorder them
 #pragma unroll
     for (int q = 0; q < 8; ++q)
-      if (2 * q < block_units) v[q] = *reinterpret_cast<const uint4*>(at(o0 + 16 * q));
+      if (q < chunks) v[q] = *reinterpret_cast<const uint4*>(at(o0 + 16 * ((q + rotation) & (chunks - 1))));
     const int swz = swizzle(row);
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
-      if (2 * q >= block_units) continue;
-      uint4 w;  // units 2q and 2q + 1 land together: the swizzle leaves bit 0 of u alone
+      if (q >= chunks) continue;
+      const int chunk = (q + rotation) & (chunks - 1);
+      uint4 w;  // units 2c and 2c + 1 land together: the swizzle leaves bit 0 of u alone
       split_hi_lo<kBf16>(__uint_as_float(v[q].x), __uint_as_float(v[q].y), w.x, w.y);
       split_hi_lo<kBf16>(__uint_as_float(v[q].z), __uint_as_float(v[q].w), w.z, w.w);
-      *reinterpret_cast<uint4*>(at(o0 + 8 * ((2 * q) ^ swz))) = w;
+      *reinterpret_cast<uint4*>(at(o0 + 8 * ((2 * chunk) ^ swz))) = w;
     }
   }
   ptx::named_bar_sync(kAllConsumersBarrier, kConsumerThreads);
