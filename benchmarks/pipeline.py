@@ -13,7 +13,8 @@ the FLUX VAE), word-level tokenizers (token ids do not change the cost), 512 T5 
   int4-pow2-qenc-graph  int4-qenc-graph with the Hopper kernels' pow2 activation format
               (nunchaku.ops.Sm90Activations.POW2)
 Reported: median end-to-end latency over --repeats calls after --warmup, peak GPU memory of a
-call, and the weight memory of the transformer and the T5 encoder.
+call, and the weight memory of the transformer and the T5 encoder; with --breakdown also the
+stages outside the denoising loop (text encoders, VAE decode, conversion to PIL), timed alone.
 """
 
 from __future__ import annotations
@@ -77,12 +78,57 @@ def build_pipeline(seed: int, small: bool, device: str):
                                 tokenizer_2=make_word_tokenizer(WORDS, 512, add_bos=False))
 
 
+def _call(pipe, args):
+    pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=0.0,
+         max_sequence_length=512, generator=torch.Generator(args.device).manual_seed(0), output_type="pil")
+
+
+# The pipeline's stages that are not the denoising loop, as (label, owner, method name).
+STAGES = (("text encoders", None, "encode_prompt"), ("VAE decode", "vae", "decode"),
+          ("to PIL", "image_processor", "postprocess"))
+
+
+def time_stages(pipe, args) -> dict:
+    """Median seconds per stage over --repeats more calls, each stage between two device syncs
+    (separate calls from the latency's: the syncs add a little to a call). The rest of a call
+    (denoising steps, scheduler, latent packing) is its total minus the stages."""
+    records = {label: [] for label, _, _ in STAGES}
+    totals = []
+    saved = []
+    for label, owner_name, method in STAGES:
+        owner = pipe if owner_name is None else getattr(pipe, owner_name)
+        original = getattr(owner, method)
+
+        def timed(*a, _original=original, _label=label, **kw):
+            _sync(args.device)
+            start = time.perf_counter()
+            out = _original(*a, **kw)
+            _sync(args.device)
+            records[_label].append(time.perf_counter() - start)
+            return out
+
+        setattr(owner, method, timed)
+        saved.append((owner, method))
+    try:
+        for _ in range(args.repeats):
+            _sync(args.device)
+            start = time.perf_counter()
+            _call(pipe, args)
+            _sync(args.device)
+            totals.append(time.perf_counter() - start)
+    finally:
+        for owner, method in saved:
+            delattr(owner, method)
+    stages = {label: statistics.median(times) for label, times in records.items()}
+    stages["denoising and the rest"] = statistics.median(totals) - sum(stages.values())
+    return {label: round(seconds, 4) for label, seconds in stages.items()}
+
+
 def time_pipeline(pipe, args, graph_pools: bool = False) -> tuple[float, float]:
     """(median s, peak GiB of a call). graph_pools: the transformer replays a CUDA graph, whose
     intermediates live in a private pool the allocated-bytes peak misses: the pool is added."""
     def call():
-        pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=0.0,
-             max_sequence_length=512, generator=torch.Generator(args.device).manual_seed(0), output_type="pil")
+        _call(pipe, args)
 
     for _ in range(args.warmup):
         call()
@@ -111,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--signed-post-gelu", action="store_true",
                    help="quantize the post-GELU layers' activations signed (quant_plan(unsigned_fc2=False)), "
                         "so that the pow2 variant covers them too")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the text encoders, the VAE decode and the conversion to PIL images on their "
+                        "own (extra calls, each stage between device syncs)")
     p.add_argument("--small", action="store_true", help="tiny shapes: a smoke check of the script, CPU too")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json")
@@ -133,6 +182,8 @@ def main(argv=None) -> int:
         row = {"variant": variant, "latency_s": round(latency, 3), "peak_gib": round(peak, 2),
                "transformer_gib": round(weight_bytes(pipe.transformer) / GIB, 2),
                "t5_gib": round(weight_bytes(pipe.text_encoder_2) / GIB, 2), **(extra or {})}
+        if args.breakdown:
+            row["stages_s"] = time_stages(pipe, args)
         report["rows"].append(row)
         print(row, flush=True)
 
@@ -182,6 +233,12 @@ def main(argv=None) -> int:
         ratio = f"{base / r['latency_s']:.2f}x" if base else "-"
         print(f"| {r['variant']} | {r['latency_s']:.3f} | {ratio} | {r['peak_gib']:.2f} | {r['transformer_gib']:.2f} | "
               f"{r['t5_gib']:.2f} |")
+    if args.breakdown:
+        labels = list(report["rows"][0]["stages_s"]) if report["rows"] else []
+        print("| variant | " + " | ".join(f"{label} s" for label in labels) + " |")
+        print("| --- |" + " --- |" * len(labels))
+        for r in report["rows"]:
+            print(f"| {r['variant']} | " + " | ".join(f"{r['stages_s'][label]:.3f}" for label in labels) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

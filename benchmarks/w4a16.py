@@ -7,7 +7,7 @@ For each: median µs (triton.testing.do_bench) of
   w4a16      nunchaku.ops.w4a16_linear: the Triton GEMM (M > 16) or GEMV (M <= 16)
   reference  the reference path: dequantize W on every call, then matmul
 and the T5-XXL encoder's linear time per 512-token prompt (24 layers) for each.
-Usage: python benchmarks/w4a16.py [--json PATH]
+Usage: python benchmarks/w4a16.py [--json PATH] [--sweep]
 """
 
 from __future__ import annotations
@@ -59,10 +59,52 @@ def run(name: str, m: int, k: int, n: int, group: int) -> dict:
     return res
 
 
+# (BLOCK_M, BLOCK_N, warps, stages); the first is the kernel's GEMM_CONFIG.
+GEMM_SWEEP = [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
+              (64, 256, 4, 3), (64, 256, 8, 3), (128, 64, 4, 4), (256, 128, 8, 3)]
+
+
+def sweep() -> None:
+    """Time the GEMM's tile configurations (each checked against the reference; a configuration
+    Triton cannot compile is reported and skipped)."""
+    for name, m, k, n, group, _ in SHAPES:
+        sweep_shape(name, m, k, n, group)
+
+
+def sweep_shape(name: str, m: int, k: int, n: int, group: int) -> None:
+    from nunchaku.ops import w4a16_triton
+
+    w = torch.randn(n, k, device="cuda") / k**0.5
+    codes, scales, zeros = quantize_weight_uint4_asym(w, group)
+    qp, s, z = pack_int4_nibbles(codes), scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w_bf16 = w.to(torch.bfloat16)
+    exact = reference.w4a16_gemm(x.float(), qp, s, z, None, group)
+    bf16_us = bench(lambda: torch.matmul(x, w_bf16.t()))
+    if m <= w4a16_triton.MAX_ROWS:
+        return
+    variants = [(f"gemm {c}", lambda c=c: w4a16_triton.launch_gemm(x, qp, s, z, None, c)) for c in GEMM_SWEEP]
+    for label, fn in variants:
+        try:
+            y = fn()
+        except Exception as exc:  # a tile Triton cannot fit (shared memory, registers): report it
+            print(f"sweep {name} {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            continue
+        err = ((y.float() - exact).norm() / exact.norm()).item()
+        us = bench(fn)
+        print(f"sweep {name} M={m} K={k} N={n}: {label}: {us:.1f} us ({us / bf16_us:.2f}x bf16 {bf16_us:.1f}), "
+              f"rel err {err:.1e}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the GEMM's tile configurations instead")
     args = parser.parse_args()
+    if args.sweep:
+        sweep()
+        return 0
     rows = [run(name, m, k, n, group) | {"count": count} for name, m, k, n, group, count in SHAPES]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| linear | M | K | N | group | bf16 µs | w4a16 µs | reference µs | w4a16/bf16 time | w4a16 TFLOPS | rel err |")

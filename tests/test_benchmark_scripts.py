@@ -41,9 +41,16 @@ def test_flux_step_small(tmp_path):
 def test_pipeline_small(tmp_path):
     out = tmp_path / "pipe.json"
     argv = ["--small", "--device", "cpu", "--size", "128", "--steps", "2", "--variants", "bf16", "int4",
-            "--repeats", "1", "--warmup", "0", "--signed-post-gelu", "--json", str(out)]
-    assert load_script("pipeline").main(argv) == 0
+            "--repeats", "1", "--warmup", "0", "--signed-post-gelu", "--breakdown", "--json", str(out)]
+    pipeline = load_script("pipeline")
+    assert pipeline.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["signed_post_gelu"] is True
     assert [row["variant"] for row in report["rows"]] == ["bf16", "int4"]
     assert all(row["latency_s"] > 0 for row in report["rows"])
+    for row in report["rows"]:
+        stages = row["stages_s"]
+        assert set(stages) == {"text encoders", "VAE decode", "to PIL", "denoising and the rest"}
+        # Each wrapped stage ran (a positive time) and the stages fit inside the call.
+        assert all(stages[label] > 0 for label in ("text encoders", "VAE decode", "to PIL"))
+        assert stages["denoising and the rest"] > 0

@@ -336,3 +336,44 @@ def test_prompt_length_defaults_to_the_text_tokenizer_limit(saved):
     pipe(PROMPTS[0], num_inference_steps=1, guidance_scale=0.0, height=64, width=64, output_type="latent")
     handle.remove()
     assert seen == [pipe.tokenizer_2.model_max_length] == [32]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pil_images_are_made_with_diffusers_arithmetic(dtype):
+    """DevicePilImageProcessor rounds to 8-bit pixels before leaving the image's device; its
+    pixels are diffusers' (the same operations in the same dtypes), clamped tails, exact halves
+    (x * 255 = k + 0.5, rounded to even), a per-image do_denormalize and one-channel images included."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    g = torch.Generator().manual_seed(0)
+    image = (torch.rand(3, 3, 17, 19, generator=g) * 2.6 - 1.3).to(dtype)
+    image[0, 0, 0, :6] = torch.tensor([-1.0, 1.0, 0.0, 0.5, 2 * (2.5 / 255) - 1, 2 * (3.5 / 255) - 1]).to(dtype)
+    ours_processor = nunchaku_flux.DevicePilImageProcessor(vae_scale_factor=16)
+    theirs_processor = VaeImageProcessor(vae_scale_factor=16)
+    for kwargs in ({}, {"do_denormalize": [True, False, True]}):
+        ours = ours_processor.postprocess(image, output_type="pil", **kwargs)
+        theirs = theirs_processor.postprocess(image, output_type="pil", **kwargs)
+        assert len(ours) == len(theirs) == 3
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+    gray = image[:, :1]
+    ours = ours_processor.postprocess(gray, output_type="pil")
+    theirs = theirs_processor.postprocess(gray, output_type="pil")
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.mode == "L" and np.array_equal(np.asarray(a), np.asarray(b))
+    # Other output types are diffusers' own.
+    assert torch.equal(ours_processor.postprocess(image, output_type="pt"),
+                       theirs_processor.postprocess(image, output_type="pt"))
+
+
+def test_pipelines_make_their_pil_images_on_the_device(saved):
+    root, pipe = saved
+    loaded = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=root / "int4")
+    pil = loaded(PROMPTS[0], generator=torch.Generator().manual_seed(5), **GEN).images[0]
+    assert isinstance(loaded.image_processor, nunchaku_flux.DevicePilImageProcessor)
+    assert loaded.image_processor.config.vae_scale_factor == loaded.vae_scale_factor * 2
+    arr = loaded(PROMPTS[0], generator=torch.Generator().manual_seed(5), output_type="np", **GEN).images[0]
+    assert np.array_equal(np.asarray(pil), (arr * 255).round().astype("uint8"))
+    side = nunchaku_flux.with_transformer(loaded, pipe.transformer)
+    side(PROMPTS[0], **GEN)
+    assert isinstance(side.image_processor, nunchaku_flux.DevicePilImageProcessor)

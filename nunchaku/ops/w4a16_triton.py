@@ -104,8 +104,8 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-GEMM_BLOCK_M = 64
-GEMM_BLOCK_N = 128
+# (BLOCK_M, BLOCK_N, warps, pipeline stages) of the GEMM; benchmarks/w4a16.py --sweep times others.
+GEMM_CONFIG = (64, 128, 4, 3)
 
 
 def _gemm_kernel():
@@ -115,7 +115,7 @@ def _gemm_kernel():
     @triton.jit
     def w4a16_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_ym,
                           HAS_BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
         pid_m = tl.program_id(1)
         pid_n = tl.program_id(0)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,7 +125,7 @@ def _gemm_kernel():
         k = tl.arange(0, 2 * HALF)
         j = tl.arange(0, HALF)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for g in tl.range(0, G, num_stages=3):
+        for g in tl.range(0, G, num_stages=STAGES):
             x = tl.load(x_ptr + m[:, None] * stride_xm + g * 2 * HALF + k[None, :], mask=m_ok[:, None], other=0.0)
             packed = tl.load(q_ptr + n[:, None] * (K // 2) + g * HALF + j[None, :], mask=n_ok[:, None], other=0)
             # [BLOCK_N, HALF, 2] -> [BLOCK_N, 2*HALF]: channel 2j from the low nibble, 2j+1 from the high.
@@ -146,25 +146,31 @@ def _gemm_kernel():
 _GEMM_KERNEL = None
 
 
-@torch.library.custom_op("nunchaku::w4a16_gemm", mutates_args=())
-def w4a16_gemm(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, any M) -> [M, N] in x.dtype; layouts as for w4a16_gemv."""
+def launch_gemm(x, qweight_packed, wscales, wzeros, bias, config=None) -> torch.Tensor:
+    """The GEMM with explicit (BLOCK_M, BLOCK_N, warps, stages), GEMM_CONFIG by default."""
     global _GEMM_KERNEL
-    _check_w4a16_shapes("w4a16_gemm", x, qweight_packed, wscales, wzeros)
     if _GEMM_KERNEL is None:
         _GEMM_KERNEL = _gemm_kernel()
+    block_m, block_n, warps, stages = config or GEMM_CONFIG
     m, k = x.shape
     n = qweight_packed.shape[0]
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton_cdiv(n, GEMM_BLOCK_N), triton_cdiv(m, GEMM_BLOCK_M))
+    grid = (triton_cdiv(n, block_n), triton_cdiv(m, block_m))
     with on_device_of(x):
         _GEMM_KERNEL[grid](x, qweight_packed.contiguous(), wscales.contiguous(), wzeros.contiguous(),
                            bias if bias is not None else y, y, m, n, k, wscales.shape[1], x.stride(0), y.stride(0),
-                           HAS_BIAS=bias is not None, HALF=k // wscales.shape[1] // 2, BLOCK_M=GEMM_BLOCK_M,
-                           BLOCK_N=GEMM_BLOCK_N, num_warps=4)
+                           HAS_BIAS=bias is not None, HALF=k // wscales.shape[1] // 2, BLOCK_M=block_m,
+                           BLOCK_N=block_n, STAGES=stages, num_warps=warps)
     return y
+
+
+@torch.library.custom_op("nunchaku::w4a16_gemm", mutates_args=())
+def w4a16_gemm(x: torch.Tensor, qweight_packed: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, any M) -> [M, N] in x.dtype; layouts as for w4a16_gemv."""
+    _check_w4a16_shapes("w4a16_gemm", x, qweight_packed, wscales, wzeros)
+    return launch_gemm(x, qweight_packed, wscales, wzeros, bias)
 
 
 @w4a16_gemm.register_fake

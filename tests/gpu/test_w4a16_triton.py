@@ -9,7 +9,7 @@ import torch
 from nunchaku import ops
 from nunchaku.nn import AWQW4A16Linear
 from nunchaku.ops import reference
-from nunchaku.ops.w4a16_triton import MAX_ROWS, w4a16_gemm, w4a16_gemv
+from nunchaku.ops.w4a16_triton import MAX_ROWS, launch_gemm, w4a16_gemm, w4a16_gemv
 from nunchaku.quant.awq import quantize_w4a16
 from nunchaku.quant.int4 import pack_int4_nibbles
 
@@ -37,6 +37,16 @@ def test_gemv_matches_the_reference(m, k, n, dtype):
     err = (y.double() - exact).norm() / exact.norm()
     assert y.dtype == dtype and y.shape == (m, n)
     assert err <= 1.1 * rounding + 1e-6, (err.item(), rounding.item())  # one rounding of the output
+
+
+@pytest.mark.parametrize("config", [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)])
+def test_gemm_tile_configs_match_the_reference(config):
+    qp, s, z, b = layer(300, 512, torch.bfloat16, bias=True, seed=7, group=128)
+    x = torch.randn(200, 512, device="cuda", dtype=torch.bfloat16)
+    y = launch_gemm(x, qp, s, z, b, config)
+    exact = reference.w4a16_gemm(x.float(), qp, s, z, b, 128).double()
+    rounding = (exact.to(torch.bfloat16).double() - exact).norm() / exact.norm()
+    assert ((y.double() - exact).norm() / exact.norm()) <= 1.1 * rounding + 1e-6
 
 
 @pytest.mark.parametrize("group", [64, 128])
