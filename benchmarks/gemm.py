@@ -210,11 +210,13 @@ def main() -> int:
     if args.profile:
         profile_once(*args.profile, pow2=args.pow2)
         return 0
+    if args.quant and not (args.gemm_only or args.quant_only):
+        ap.error("--quant goes with --gemm-only (or use --quant-only)")
     if args.quant_only:
         args.gemm_only = args.quant = True
     if args.gemm_only:
         formats = [False, True] if args.pow2 else [False]
-        if args.check:
+        if args.check and not args.quant_only:
             for pow2 in formats:
                 for m, k, n in [(1000, 3072, 3072), (257, 320, 384), (4608, 12288, 3072)]:
                     print(check_gemm(m, k, n, pow2), flush=True)

@@ -107,8 +107,8 @@ def time_stages(pipe, args) -> dict:
             records[_label].append(time.perf_counter() - start)
             return out
 
+        saved.append((owner, method, vars(owner).get(method)))
         setattr(owner, method, timed)
-        saved.append((owner, method))
     try:
         for _ in range(args.repeats):
             _sync(args.device)
@@ -117,8 +117,11 @@ def time_stages(pipe, args) -> dict:
             _sync(args.device)
             totals.append(time.perf_counter() - start)
     finally:
-        for owner, method in saved:
-            delattr(owner, method)
+        for owner, method, own_attribute in saved:
+            if own_attribute is None:
+                delattr(owner, method)
+            else:
+                setattr(owner, method, own_attribute)
     stages = {label: statistics.median(times) for label, times in records.items()}
     stages["denoising and the rest"] = statistics.median(totals) - sum(stages.values())
     return {label: round(seconds, 4) for label, seconds in stages.items()}

@@ -364,9 +364,15 @@ def test_pil_images_are_made_with_diffusers_arithmetic(dtype):
     # Other output types are diffusers' own.
     assert torch.equal(ours_processor.postprocess(image, output_type="pt"),
                        theirs_processor.postprocess(image, output_type="pt"))
+    # A processor configured not to denormalize (values already in [0, 1]).
+    plain = image.float().clamp(0, 1).to(dtype)
+    ours = nunchaku_flux.DevicePilImageProcessor(do_normalize=False).postprocess(plain, output_type="pil")
+    theirs = VaeImageProcessor(do_normalize=False).postprocess(plain, output_type="pil")
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_pipelines_make_their_pil_images_on_the_device(saved):
+def test_pipelines_use_the_device_pil_processor(saved):
     root, pipe = saved
     loaded = nunchaku_flux.from_pretrained(root / "base", torch_dtype=torch.bfloat16, qmodel_path=root / "int4")
     pil = loaded(PROMPTS[0], generator=torch.Generator().manual_seed(5), **GEN).images[0]

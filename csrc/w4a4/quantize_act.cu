@@ -101,12 +101,12 @@ struct QuantSmem {
   // The group's 64 smoothing factors ride the same ring (a global load per group sat in front of
   // the quantization: 9% of the kernel's stall samples).
   alignas(16) uint16_t smooth[kStages][kGroup];
-  union {
+  union alignas(16) {
     // In the loop: each warp's reciprocals of the current group's 64 smoothing factors. A warp
     // computes them once (two per lane) where every thread used to compute its own 16, 32 times
     // over per CTA; those correctly rounded reciprocals, each behind a branch to its slow path,
-    // were half the loop. (Sharing the space keeps five CTAs on an SM with the pow2 format's
-    // exponents at K = 12288.)
+    // were half the loop. (Sharing the space matters: 1 KB more per CTA once left four CTAs an
+    // SM instead of five with the pow2 format's exponent bytes, KERNEL_NOTES.md "Session 10".)
     float smooth_rcp[kThreads / 32][kGroup];
     // After it: the partial sums of the second k half, then of the CTA.
     float lora_half[kRowsPerCta][kRank];
@@ -457,7 +457,7 @@ int k_splits(int row_blocks, int G, bool clusters, int sms) {
   if (!clusters) return 1;
   int s = 1;
   while (s < 8 && row_blocks * s < NUNCHAKU_QUANT_CTAS_PER_SM * sms && G / (2 * s) >= 1) s *= 2;
-  while (s < 8 && G / s > kMaxGroupsPerSplit) s *= 2;
+  while (s < 8 && (G + s - 1) / s > kMaxGroupsPerSplit) s *= 2;
   return s;
 }
 

@@ -32,18 +32,20 @@ from ..models.flux_loading import BLOCK_PREFIXES, build_quantized_transformer
 class DevicePilImageProcessor(VaeImageProcessor):
     """diffusers' VaeImageProcessor whose conversion to PIL images rounds to 8-bit pixels where the
     image is (the GPU), so a 1024x1024 image crosses to the host as 3 MB of uint8 instead of 12 MB
-    of float32 and the CPU does no per-pixel arithmetic: 27 -> 11 ms on the H100 machine
-    (benchmarks/vae_decode.py). The same operations in the same dtypes as diffusers', so the same
+    of float32 and the CPU does no per-pixel arithmetic (benchmarks/vae_decode.py times both on
+    the H100 machine). The same operations in the same dtypes as diffusers', so the same
     pixels; every other output type is diffusers' own."""
 
     def postprocess(self, image: torch.Tensor, output_type: str = "pil", do_denormalize: list[bool] | None = None):
         if output_type != "pil" or not isinstance(image, torch.Tensor):
             return super().postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
         if do_denormalize is None:
-            do_denormalize = [self.config.do_normalize] * image.shape[0]
-        image = torch.stack([self.denormalize(image[i]) if do_denormalize[i] else image[i]
-                             for i in range(image.shape[0])])
-        pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            image = self.denormalize(image) if self.config.do_normalize else image
+        else:
+            image = torch.stack([self.denormalize(image[i]) if do_denormalize[i] else image[i]
+                                 for i in range(image.shape[0])])
+        # Channels last before the copy: PIL would otherwise transpose a strided array on the CPU.
+        pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         if pixels.shape[-1] == 1:
             return [PIL.Image.fromarray(p.squeeze(), mode="L") for p in pixels]
         return [PIL.Image.fromarray(p) for p in pixels]
@@ -75,8 +77,7 @@ class NunchakuFluxPipeline(FluxPipeline):
         # Swapped in here rather than in __init__: diffusers reads the expected components off
         # __init__'s signature, which an override would have to copy.
         if type(self.image_processor) is VaeImageProcessor:
-            scale = self.image_processor.config.vae_scale_factor
-            self.image_processor = DevicePilImageProcessor(vae_scale_factor=scale)
+            self.image_processor = DevicePilImageProcessor.from_config(self.image_processor.config)
         return super().__call__(*args, max_sequence_length=max_sequence_length, **kwargs)
 
     # diffusers' LoRA API; on a quantized transformer the LoRA becomes extra low-rank ranks
