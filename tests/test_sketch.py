@@ -6,6 +6,7 @@ import torch
 from flux_helpers import save_tiny_flux_with_lora
 from PIL import Image, ImageDraw
 
+from nunchaku.pipelines.flux import DevicePilImageProcessor
 from nunchaku.pipelines.sketch import SketchMode, SketchToImagePipeline, binarize_sketch
 
 
@@ -41,6 +42,7 @@ def test_one_step_generation_follows_the_guidance(saved, quantized):
     b = pipe(a_sketch(), "a red circle", sketch_guidance=0.8, generator=g())
     c = pipe(a_sketch(), "a red circle", sketch_guidance=0.0, generator=g())
     assert isinstance(a, Image.Image) and a.size == (64, 64)
+    assert isinstance(pipe.flux.image_processor, DevicePilImageProcessor)  # PIL pixels made on the device
     assert np.array_equal(np.asarray(a), np.asarray(b))  # deterministic for a seed
     assert not np.array_equal(np.asarray(a), np.asarray(c))  # the guidance matters
     blank = Image.new("RGB", (64, 64), "white")

@@ -51,6 +51,16 @@ class DevicePilImageProcessor(VaeImageProcessor):
         return [PIL.Image.fromarray(p) for p in pixels]
 
 
+def use_device_pil_images(pipeline) -> DevicePilImageProcessor:
+    """Gives a diffusers FLUX pipeline (text-to-image or img2img) a DevicePilImageProcessor with its
+    own processor's config, unless it has one already; returns it. (Not in __init__: diffusers
+    reads a pipeline's expected components off __init__'s signature, which an override would
+    have to copy.)"""
+    if not isinstance(pipeline.image_processor, DevicePilImageProcessor):
+        pipeline.image_processor = DevicePilImageProcessor.from_config(pipeline.image_processor.config)
+    return pipeline.image_processor
+
+
 class NunchakuFluxPipeline(FluxPipeline):
     """diffusers' FluxPipeline with input checks that fail early and clearly (diffusers would
     silently resize a height/width that is not a multiple of 16 and encode an empty prompt), and
@@ -74,10 +84,7 @@ class NunchakuFluxPipeline(FluxPipeline):
         # demo models) never saw that many, so default to what the tokenizer holds.
         if max_sequence_length is None:
             max_sequence_length = min(512, getattr(self.tokenizer_2, "model_max_length", 512))
-        # Swapped in here rather than in __init__: diffusers reads the expected components off
-        # __init__'s signature, which an override would have to copy.
-        if type(self.image_processor) is VaeImageProcessor:
-            self.image_processor = DevicePilImageProcessor.from_config(self.image_processor.config)
+        use_device_pil_images(self)
         return super().__call__(*args, max_sequence_length=max_sequence_length, **kwargs)
 
     # diffusers' LoRA API; on a quantized transformer the LoRA becomes extra low-rank ranks

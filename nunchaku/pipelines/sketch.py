@@ -25,6 +25,7 @@ from diffusers import FluxImg2ImgPipeline, FluxPipeline
 from PIL import Image
 
 from ..models.flux import to_nunchaku_layout
+from .flux import use_device_pil_images
 
 
 def sketch_on_white(sketch: Image.Image) -> Image.Image:
@@ -137,13 +138,14 @@ class SketchToImagePipeline:
         latent = pipe._unpack_latents(packed - velocity.to(packed.dtype), height, width, pipe.vae_scale_factor)
         latent = latent / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latent.to(vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+        return use_device_pil_images(pipe).postprocess(image, output_type="pil")[0]
 
     def _sdedit(self, sketch: Image.Image, prompt: str, sketch_guidance: float, generator, max_sequence_length: int,
                 steps: int, true_cfg_scale: float) -> Image.Image:
         if steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
         img2img = FluxImg2ImgPipeline(**self.flux.components)
+        use_device_pil_images(img2img)
         img2img.set_progress_bar_config(disable=True)
         width, height = sketch.size
         # At least one denoising step: strength below 1/steps would run none and return the sketch.
