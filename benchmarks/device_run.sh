@@ -176,11 +176,16 @@ if [ "${#AB_NAMES[@]}" -gt 0 ]; then
   wait  # the A/B builds
   SO=$(ls nunchaku/_C*.so | head -1)
   cp "$SO" /tmp/tree_C.so
-  { echo "== A/B: tree"; timeout 260 python3 benchmarks/gemm.py ${NUNCHAKU_AB_ARGS:---gemm-only --check --pow2 --quant} --ms ${NUNCHAKU_AB_MS:-256 1024 4608}; } 2>&1 | tee "$OUT/ab.log"
+  ab_run() {  # $1: the build's name; times whatever library is installed now
+    echo "== A/B: $1"
+    timeout 260 python3 benchmarks/gemm.py ${NUNCHAKU_AB_ARGS:---gemm-only --check --pow2 --quant} \
+      --ms ${NUNCHAKU_AB_MS:-256 1024 4608}
+  }
+  ab_run tree 2>&1 | tee "$OUT/ab.log"
   for name in "${AB_NAMES[@]}"; do
     if [ -f "build/_C_ab_$name/_C.so" ]; then
       cp "build/_C_ab_$name/_C.so" "$SO"
-      { echo "== A/B: $name"; timeout 260 python3 benchmarks/gemm.py ${NUNCHAKU_AB_ARGS:---gemm-only --check --pow2 --quant} --ms ${NUNCHAKU_AB_MS:-256 1024 4608}; } 2>&1 | tee -a "$OUT/ab.log"
+      ab_run "$name" 2>&1 | tee -a "$OUT/ab.log"
     else
       echo "== A/B: $name: no library (see build_ab_$name.log)" | tee -a "$OUT/ab.log"
     fi

@@ -42,13 +42,18 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-def run(name: str, m: int, k: int, n: int, group: int) -> dict:
+def random_layer(m: int, k: int, n: int, group: int):
+    """x [M, K] and a random [N, K] weight: W4A16-quantized (qweight, scales, zeros) and in BF16."""
     dt = torch.bfloat16
     w = torch.randn(n, k, device="cuda") / k**0.5
     codes, scales, zeros = quantize_weight_uint4_asym(w, group)
     qp, s, z = pack_int4_nibbles(codes), scales.to(dt), zeros.to(dt)
-    w_bf16 = w.to(dt)
     x = torch.randn(m, k, device="cuda", dtype=dt)
+    return x, qp, s, z, w.to(dt)
+
+
+def run(name: str, m: int, k: int, n: int, group: int) -> dict:
+    x, qp, s, z, w_bf16 = random_layer(m, k, n, group)
     res = {"name": name, "M": m, "K": k, "N": n, "group": group}
     res["bf16_us"] = bench(lambda: torch.matmul(x, w_bf16.t()))
     res["w4a16_us"] = bench(lambda: ops.w4a16_linear(x, qp, s, z, None, group))
@@ -76,11 +81,7 @@ def sweep_shape(name: str, m: int, k: int, n: int, group: int) -> None:
 
     if m <= w4a16_triton.MAX_ROWS:  # the GEMV's shapes: nothing to sweep
         return
-    w = torch.randn(n, k, device="cuda") / k**0.5
-    codes, scales, zeros = quantize_weight_uint4_asym(w, group)
-    qp, s, z = pack_int4_nibbles(codes), scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w_bf16 = w.to(torch.bfloat16)
+    x, qp, s, z, w_bf16 = random_layer(m, k, n, group)
     exact = reference.w4a16_gemm(x.float(), qp, s, z, None, group)
     bf16_us = bench(lambda: torch.matmul(x, w_bf16.t()))
     configs = [w4a16_triton.GEMM_CONFIG] + [c for c in GEMM_SWEEP if c != w4a16_triton.GEMM_CONFIG]
